@@ -1,0 +1,228 @@
+"""The Eso-LM backbone: the paper's DiT (adaLN) and the AR baseline's causal transformer.
+
+One module serves every model of esolm. What makes a model Eso-LM, MDLM, BD3-LM or AR is the order
+of its input tokens, the rotary positions given for them, and the attention mask (``esolm.masks``) —
+not the network. Parameter names follow the authors' layout, so their checkpoints load by name.
+
+* token embedding ``vocab_embed.embedding`` (not tied to the output layer);
+* rotary embeddings on q and k with an **explicit position per token**: a permuted sequence keeps the
+  original positions of its tokens;
+* pre-LN blocks (LayerNorm without bias, computed in float32), adaLN shift/scale/gate from a time
+  embedding (``sigma_map``), tanh-GELU MLP; adaLN modulations and the output layer start at zero;
+* final LayerNorm + adaLN + linear to the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import KVCache, attend
+from .config import ModelConfig
+
+Tensor = torch.Tensor
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without bias, always computed in float32 (as the authors' DiT)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = F.layer_norm(x.float(), [self.dim])
+        return y * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the noise level followed by an MLP (``sigma_map``)."""
+
+    def __init__(self, cond_dim: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+
+    @staticmethod
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class Rotary(nn.Module):
+    """Rotary embedding (GPT-NeoX half rotation) evaluated at explicit positions."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions: [B, S] integer → cos, sin: [B, 1, S, head_dim] float32."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; with ``adaln`` the DiT block with shift/scale/gate modulation."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.norm1 = LayerNorm(d)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = LayerNorm(d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d)
+        )
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d) if cfg.adaln else None
+
+    def _attention(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                   cache: KVCache | None, layer: int) -> Tensor:
+        b, s, d = h.shape
+        qkv = self.attn_qkv(h).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        cos, sin = rope
+        q, k, v = apply_rotary(qkv[0], cos, sin), apply_rotary(qkv[1], cos, sin), qkv[2]
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        p = self.dropout if self.training else 0.0
+        out = attend(q, k, v, mask, p)
+        return self.attn_out(out.transpose(1, 2).reshape(b, s, d))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], c: Tensor | None, mask: Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        drop = self.dropout if self.training else 0.0
+        if self.adaLN_modulation is None:
+            x = x + F.dropout(self._attention(self.norm1(x), rope, mask, cache, layer), drop, self.training)
+            return x + F.dropout(self.mlp(self.norm2(x)), drop, self.training)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        h = self._attention(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer)
+        x = x + gate1 * F.dropout(h, drop, self.training)
+        h = self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + gate2 * F.dropout(h, drop, self.training)
+
+
+class EmbeddingLayer(nn.Module):
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.embedding[ids]
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.hidden_size)
+        self.linear = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size) if cfg.adaln else None
+
+    def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
+        h = self.norm_final(x)
+        if self.adaLN_modulation is not None:
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+            h = modulate(h, shift, scale)
+        return self.linear(h)
+
+
+class DiT(nn.Module):
+    """The esolm backbone.
+
+    ``forward(input_ids, positions=None, mask=None, sigma=None, cache=None, commit=0)``
+
+    * ``input_ids`` [B, S]: tokens in the order the method chose (sorted order);
+    * ``positions`` [B, S]: each token's original position for rotary (default ``arange(S)``);
+      a 2L input ``[z ; x]`` passes its sorted positions twice;
+    * ``mask``: boolean attention mask from :mod:`esolm.masks` (``None`` = full attention);
+    * ``sigma`` [B]: noise-level conditioning (default 0, as Eso-LM and MDLM use);
+    * ``cache``/``commit``: with a :class:`KVCache`, the new tokens attend to the cached ones too, and
+      the keys/values of the first ``commit`` new tokens are kept.
+
+    Returns float32 logits [B, S, vocab] (raw: no mask-logit handling).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_embed = EmbeddingLayer(config.vocab_size, config.hidden_size)
+        self.sigma_map = TimestepEmbedder(config.cond_dim, config.frequency_embedding_size) if config.adaln else None
+        self.rotary_emb = Rotary(config.head_dim, config.rope_base)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.output_layer = FinalLayer(config)
+        self.reset_zero_init()
+
+    def reset_zero_init(self) -> None:
+        """Zero the adaLN modulations and the output layer (the paper's initialisation)."""
+        with torch.no_grad():
+            mods = [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation,
+                                                                 self.output_layer.linear]
+            for m in mods:
+                if m is not None:
+                    m.weight.zero_()
+                    m.bias.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.vocab_embed.embedding.device
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config.n_layers, max_len or self.config.length)
+
+    def conditioning(self, batch_size: int, sigma: Tensor | None = None) -> Tensor | None:
+        if self.sigma_map is None:
+            return None
+        if sigma is None:
+            sigma = torch.zeros(batch_size, device=self.device)
+        return F.silu(self.sigma_map(sigma.reshape(-1).expand(batch_size)))
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
+                sigma: Tensor | None = None, cache: KVCache | None = None, commit: int = 0) -> Tensor:
+        b, s = input_ids.shape
+        if positions is None:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        x = self.vocab_embed(input_ids)
+        c = self.conditioning(b, sigma)
+        rope = self.rotary_emb(positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, c, mask, cache, i)
+        if cache is not None:
+            cache.commit(commit)
+        return self.output_layer(x, c).float()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
