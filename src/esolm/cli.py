@@ -1,0 +1,64 @@
+"""The ``esolm`` command line.
+
+Each subcommand lives in ``esolm.commands.<name>`` and provides ``add_arguments(parser)`` and
+``run(args) -> int``. Errors the user can fix (bad config, bad input, missing file) are reported as one
+line on stderr with exit code 2, before any work starts — never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("esolm.commands.train", "train a model from a preset with key=value overrides"),
+    "export": ("esolm.commands.export", "export a training checkpoint to a from_pretrained folder"),
+    "eval": ("esolm.commands.eval", "NELBO / importance-weighted perplexity of a model"),
+    "sample": ("esolm.commands.sample", "generate samples (KV-cached Eso-LM sampler and baselines)"),
+    "bench": ("esolm.commands.bench", "latency and speed-quality benchmarks"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit code 2."""
+
+
+USER_ERRORS = (UserError, ConfigError, FileNotFoundError, ValueError, KeyError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esolm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        p = sub.add_parser(name, help=help_, description=help_)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"esolm {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esolm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
