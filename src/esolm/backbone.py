@@ -226,3 +226,16 @@ class DiT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path, method: dict | None = None) -> None:
+        """Write ``path/`` as safetensors weights + JSON config (see :mod:`esolm.io`)."""
+        from .io import save_pretrained
+
+        save_pretrained(self, path, method=method)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo, **kwargs) -> DiT:
+        """Load an esolm folder, or an authors' checkpoint / Hugging Face repo (see :mod:`esolm.io`)."""
+        from .io import from_pretrained
+
+        return from_pretrained(path_or_repo, **kwargs)
