@@ -553,6 +553,9 @@ def _load_folder(folder: Path, config: Any, mask_index: int | None, name: str) -
         cfg = _user_config(config, None, None) if config is not None else ModelConfig.from_dict(meta["model"])
         state = _read_folder_weights(folder)
         model = DiT(cfg)
+        emb = state.get("vocab_embed.embedding")
+        if isinstance(emb, torch.Tensor) and emb.is_floating_point() and emb.dtype != torch.float32:
+            model = model.to(emb.dtype)  # keep the saved precision: the round trip is bit-exact
         _check_fits(state, model)
         model.load_state_dict(state, strict=False)
         return model, meta.get("method")
