@@ -1,0 +1,31 @@
+"""Sampling: the KV-cached Eso-LM sampler (the paper's headline) and the baselines' samplers.
+
+* :mod:`.schedule` — plans: per-step unmask counts and per-sample orders;
+* :mod:`.draw` — mask-logit, top-p, Gumbel-max;
+* :mod:`.esolm` — Eso-LM (B) with an exact KV cache, Eso-LM (A);
+* :mod:`.mdlm`, :mod:`.bd3`, :mod:`.ar` — baselines on the same backbone;
+* :mod:`.api` — :func:`generate`.
+"""
+
+from .api import GenerationOutput, generate
+from .ar import sample_ar
+from .bd3 import sample_bd3
+from .common import SampleResult
+from .draw import draw, top_p_filter
+from .esolm import sample_esolm_a, sample_esolm_b
+from .mdlm import sample_mdlm
+from .schedule import (
+    Plan,
+    binomial_counts,
+    plan_binomial,
+    plan_from_counts,
+    plan_one_per_step,
+    plan_strided,
+    random_order,
+)
+
+__all__ = [
+    "GenerationOutput", "generate", "SampleResult", "Plan", "binomial_counts", "plan_binomial",
+    "plan_from_counts", "plan_one_per_step", "plan_strided", "random_order", "draw", "top_p_filter",
+    "sample_esolm_a", "sample_esolm_b", "sample_mdlm", "sample_ar", "sample_bd3",
+]

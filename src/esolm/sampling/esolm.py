@@ -1,0 +1,118 @@
+"""Eso-LM samplers: parallel diffusion decoding with an exact KV cache (variant B) and the (A) ablation.
+
+Everything happens in *sorted order* (``plan.order``: given tokens, then diffusion positions in a random
+order, then sequential positions left to right). Each token is fed with its original rotary position.
+
+**Eso-LM (B), fully cached.** Training uses causal attention over the sorted sequence, so the keys and
+values of a clean token depend only on the clean tokens before it in the order: once computed they never
+change. Step ``k`` decoding sorted range ``[lo, hi)`` therefore feeds only
+
+    [ tokens decoded at step k-1 (now clean) ; the hi - lo masks of step k ]
+
+at their original positions, attending to the whole cache and causally among themselves
+(``masks.cached_step``). The K/V of the step-(k-1) tokens are kept (``commit``); those of the masks are
+dropped. Given tokens (prompt / infill) are the "previous step" of step 1, so their K/V are computed
+once, inside the first call. The diffusion and sequential phases are the same loop: the sequential phase
+is just steps of one token in left-to-right order. One network call per step; the logits equal those
+of an uncached causal pass over the sorted sequence (``tests/test_sampling_cache.py``).
+
+**Eso-LM (A).** Clean tokens attend bidirectionally among themselves (``masks.prefix_lm``), so their K/V
+change whenever a token becomes clean: the diffusion phase runs a full pass per step over
+``[clean tokens ; masks of this step]`` (later masks are invisible to earlier ones, so they are not fed).
+The sequential phase (``masks.sequential_prefix``) is cached: the clean prefix attends bidirectionally
+within itself and never to later tokens, so its K/V are fixed once the diffusion phase ends. They are
+computed in the first sequential call, which feeds ``[clean prefix ; first mask]`` with the mask
+``prefix_lm(c, c + 1)`` and commits the prefix; every later step is a (B)-style cached step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import masks
+from .common import SampleResult, StepCallback, Stopwatch
+from .draw import draw
+from .schedule import Plan
+
+Tensor = torch.Tensor
+
+
+def _prepare(model, x: Tensor, plan: Plan) -> tuple[Tensor, Tensor]:
+    device = model.device
+    order = plan.order.to(device)
+    if x.shape != order.shape:
+        raise ValueError(f"tokens {tuple(x.shape)} and order {tuple(order.shape)} differ in shape")
+    return x.to(device).gather(1, order), order
+
+
+def _finish(tokens_sorted: Tensor, order: Tensor, nfe: int, sw: Stopwatch, trace) -> SampleResult:
+    tokens = torch.empty_like(tokens_sorted).scatter_(1, order, tokens_sorted)
+    tr = [t.cpu() for t in trace] if trace is not None else None
+    return SampleResult(tokens, nfe, sw.seconds, tr)
+
+
+@torch.inference_mode()
+def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
+                   generator: torch.Generator | None = None, greedy: bool = False, trace: bool = False,
+                   step_callback: StepCallback | None = None) -> SampleResult:
+    """Eso-LM (B) with the KV cache.
+
+    ``x`` [B, L]: given tokens at their positions, the mask id everywhere else (in original order).
+    Returns the completed tokens in original order; ``nfe == plan.nfe``.
+    """
+    mask_id = model.config.mask_id
+    tokens, order = _prepare(model, x, plan)
+    cache = model.new_cache(tokens.shape[1])
+    steps = [] if trace else None
+    start = 0  # first sorted index not yet in the cache
+    with Stopwatch(model.device) as sw:
+        for k, (lo, hi) in enumerate(plan.bounds()):
+            n_new = hi - start
+            mask = None if n_new == 1 else masks.cached_step(start, n_new, tokens.device)
+            logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache, commit=lo - start)
+            logits = logits[:, lo - start:]
+            if step_callback is not None:
+                step_callback(k, lo, hi, logits, tokens)
+            tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy)
+            if steps is not None:
+                steps.append(order[:, lo:hi])
+            start = lo
+    return _finish(tokens, order, plan.nfe, sw, steps)
+
+
+@torch.inference_mode()
+def sample_esolm_a(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
+                   generator: torch.Generator | None = None, greedy: bool = False, trace: bool = False,
+                   step_callback: StepCallback | None = None) -> SampleResult:
+    """Eso-LM (A): uncached prefix-LM diffusion phase, then the cached sequential phase."""
+    mask_id = model.config.mask_id
+    tokens, order = _prepare(model, x, plan)
+    b, length = tokens.shape
+    device = tokens.device
+    prefix = plan.n_given + plan.n_diffusion  # clean prefix once the diffusion phase is over
+    if prefix < length and prefix not in {lo for lo, _ in plan.bounds()}:
+        raise ValueError("the diffusion phase of the plan must end on a step boundary")
+    cache = model.new_cache(length)
+    steps = [] if trace else None
+    start = 0
+    with Stopwatch(model.device) as sw:
+        for k, (lo, hi) in enumerate(plan.bounds()):
+            if lo < prefix:  # diffusion phase: full pass over [clean ; this step's masks]
+                mask = masks.prefix_lm(torch.full((b,), lo, device=device), hi, device)
+                logits = model(tokens[:, :hi], order[:, :hi], mask=mask)[:, lo:]
+            elif lo == prefix:  # first sequential call: cache the bidirectional clean prefix
+                mask = masks.prefix_lm(torch.full((b,), lo, device=device), hi, device)
+                logits = model(tokens[:, :hi], order[:, :hi], mask=mask, cache=cache, commit=lo)[:, lo:]
+                start = lo
+            else:  # cached sequential step: [previous token ; this mask]
+                n_new = hi - start
+                mask = None if n_new == 1 else masks.cached_step(start, n_new, device)
+                logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache,
+                               commit=lo - start)[:, lo - start:]
+                start = lo
+            if step_callback is not None:
+                step_callback(k, lo, hi, logits, tokens)
+            tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy)
+            if steps is not None:
+                steps.append(order[:, lo:hi])
+    return _finish(tokens, order, plan.nfe, sw, steps)

@@ -1,0 +1,122 @@
+"""MDLM samplers (METHOD.md §6): bidirectional full passes, no cache.
+
+*Ancestral* sampling with ``alpha_t = 1 - t`` on ``T`` steps: from ``t`` to ``s = t - 1/T`` each masked
+token is unmasked with probability ``(alpha_s - alpha_t) / (1 - alpha_t)`` to a token drawn from
+``p_theta(x0 | x_t)``, and otherwise stays masked (probability ``(1 - alpha_s) / (1 - alpha_t)``); clean
+tokens are carried over. The network sees no time (sigma = 0), so ``p_theta(x0 | x_t)`` depends on
+``x_t`` only: when a step changes nothing the next step reuses it. Here the unmask decisions are drawn
+first and the network is called only when some token is about to change, so a step that changes
+nothing costs no call and the NFE counts only real calls.
+
+*One token per call*: ``first_hitting`` decodes one uniformly chosen masked position per call (the
+first-hitting sampler's choice of position; its time is irrelevant for a time-free network) and
+``left_to_right`` the leftmost one. NFE = number of masked tokens.
+
+The window helpers are shared with BD3-LM, whose blocks are MDLM samplers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .common import SampleResult, StepCallback, Stopwatch
+from .draw import draw
+from .schedule import random_order
+
+Tensor = torch.Tensor
+
+
+def ancestral_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi: int, steps: int, mask_id: int,
+                     *, top_p=None, generator=None, greedy=False, step_callback: StepCallback | None = None,
+                     step0: int = 0, trace: list | None = None) -> int:
+    """MDLM ancestral sampling of ``tokens[:, lo:hi]`` in place; ``call()`` returns logits [B, hi-lo, V]
+    for the current tokens. Returns the number of network calls."""
+    window = tokens[:, lo:hi]
+    nfe = 0
+    for k in range(steps, 0, -1):
+        t, s = k / steps, (k - 1) / steps
+        a_t, a_s = 1.0 - t, 1.0 - s
+        p = (a_s - a_t) / (1.0 - a_t)
+        u = torch.rand(window.shape, dtype=torch.float64, device=window.device, generator=generator)
+        unmask = (window == mask_id) & (u < p)
+        idx = unmask.nonzero(as_tuple=True)
+        if idx[0].numel() == 0:
+            continue  # nothing changes: no network call, p(x0 | x_t) stays valid
+        logits = call()
+        if step_callback is not None:
+            step_callback(step0 + nfe, lo, hi, logits, tokens)
+        nfe += 1
+        window[idx] = draw(logits[idx], mask_id, top_p, generator, greedy)
+        if trace is not None:
+            trace.append(torch.stack(idx, dim=1).add_(torch.tensor([0, lo], device=window.device)))
+    return nfe
+
+
+def one_per_call_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi: int, order: Tensor,
+                        mask_id: int, *, top_p=None, generator=None, greedy=False,
+                        step_callback: StepCallback | None = None, step0: int = 0,
+                        trace: list | None = None) -> int:
+    """Decode ``tokens[:, lo + order[:, k]]`` one per call, ``k = 0, 1, ...`` (``order`` [B, n], window
+    offsets). Returns the number of network calls."""
+    window = tokens[:, lo:hi]
+    b = window.shape[0]
+    vocab = None
+    for k in range(order.shape[1]):
+        logits = call()
+        if step_callback is not None:
+            step_callback(step0 + k, lo, hi, logits, tokens)
+        vocab = vocab or logits.shape[-1]
+        pos = order[:, k:k + 1]
+        row = logits.gather(1, pos[:, :, None].expand(b, 1, vocab))
+        window.scatter_(1, pos, draw(row, mask_id, top_p, generator, greedy))
+        if trace is not None:
+            trace.append(pos + lo)
+    return order.shape[1]
+
+
+def free_order(free: Tensor, random: bool, generator: torch.Generator | None = None) -> Tensor:
+    """[B, n_free] positions of the free tokens: a random order per sample, or ascending."""
+    n_given = int((~free[0]).sum())
+    if random:
+        order = random_order(free.cpu(), free.shape[1], generator)
+    else:
+        pos = torch.arange(free.shape[1]).expand_as(free)
+        order = torch.where(free.cpu(), pos + free.shape[1], pos).argsort(dim=1)
+    return order[:, n_given:].to(free.device)
+
+
+@torch.inference_mode()
+def sample_mdlm(model, x: Tensor, *, steps: int | None = None, sampler: str = "ancestral", top_p=None,
+                generator: torch.Generator | None = None, plan_generator: torch.Generator | None = None,
+                greedy: bool = False, trace: bool = False,
+                step_callback: StepCallback | None = None) -> SampleResult:
+    """MDLM sampling of the masked positions of ``x`` [B, L] (clean tokens are carried over).
+
+    ``sampler``: ``"ancestral"`` (``steps`` steps, default L), ``"first_hitting"`` or ``"left_to_right"``.
+    """
+    mask_id = model.config.mask_id
+    tokens = x.to(model.device).clone()
+    b, length = tokens.shape
+    steps_trace = [] if trace else None
+    kw = dict(top_p=top_p, generator=generator, greedy=greedy, step_callback=step_callback, trace=steps_trace)
+
+    def call() -> Tensor:
+        return model(tokens)  # bidirectional: no mask
+
+    with Stopwatch(model.device) as sw:
+        if sampler == "ancestral":
+            nfe = ancestral_window(call, tokens, 0, length, steps or length, mask_id, **kw)
+        elif sampler in ("first_hitting", "left_to_right"):
+            free = tokens == mask_id
+            if (free.sum(1) != free[0].sum()).any():
+                raise ValueError("every sample of a batch must have the same number of given tokens")
+            order = free_order(free, sampler == "first_hitting", plan_generator)
+            nfe = one_per_call_window(call, tokens, 0, length, order, mask_id, **kw)
+        else:
+            raise ValueError(f"unknown MDLM sampler {sampler!r} (ancestral, first_hitting, left_to_right)")
+    tr = None
+    if steps_trace is not None:
+        tr = [t.cpu() for t in steps_trace]
+    return SampleResult(tokens, nfe, sw.seconds, tr)

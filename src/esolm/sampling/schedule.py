@@ -1,0 +1,184 @@
+"""Sampling schedules: how many tokens each network call decodes, and in which order (METHOD.md §5).
+
+A :class:`Plan` is everything a sampler needs besides the network:
+
+* ``order`` [B, L]: a permutation per sample, *sorted index -> original position*. Given tokens
+  (prompt / infill) come first, then the positions decoded by the diffusion phase in a random order,
+  then the positions of the sequential phase in ascending (left-to-right) order.
+* ``counts``: how many tokens each network call decodes, after the given prefix. Shared across the
+  batch, so every sample of a batch has the same number of clean tokens at every step and the KV cache
+  keeps one length for the whole batch. ``sum(counts) == L - n_given`` and ``NFE == len(counts)``.
+
+The Eso-LM schedule (``binomial_counts``): with ``T`` steps and ``alpha_t = alpha0 (1 - t)``, walk
+``t = 1, 1 - 1/T, ..., 1/T`` and draw ``n_t ~ Binomial(remaining, (alpha_s - alpha_t) / (1 - alpha_t))``
+with ``s = t - 1/T``. A step with ``n_t = 0`` changes nothing and is dropped (no network call). When
+``alpha0 = 1`` any remainder is appended as one last step; otherwise the ``L - sum n_t`` positions left
+are decoded one per step, left to right (the sequential phase). Every random choice comes from the
+``torch.Generator`` passed in, so plans are reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Plan:
+    """A decoding plan for one batch (see module docstring)."""
+
+    order: Tensor
+    counts: list[int]
+    n_given: int
+    n_diffusion: int
+
+    @property
+    def nfe(self) -> int:
+        """Network calls the plan costs (one per step; given tokens ride along with the first step)."""
+        return len(self.counts)
+
+    @property
+    def length(self) -> int:
+        return self.order.shape[1]
+
+    @property
+    def n_sequential(self) -> int:
+        return self.length - self.n_given - self.n_diffusion
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """Sorted-index range ``[lo, hi)`` decoded by each step."""
+        out, lo = [], self.n_given
+        for n in self.counts:
+            out.append((lo, lo + n))
+            lo += n
+        return out
+
+    def to(self, device) -> Plan:
+        return Plan(self.order.to(device), list(self.counts), self.n_given, self.n_diffusion)
+
+
+def check_alpha0(alpha0: float) -> float:
+    a = float(alpha0)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"alpha0 must lie in [0, 1], got {alpha0!r}")
+    return a
+
+
+def binomial_counts(n: int, steps: int, alpha0: float, generator: torch.Generator | None = None) -> list[int]:
+    """Diffusion-phase unmask counts for ``n`` masked tokens over ``steps`` steps, zero steps dropped.
+
+    Probabilities are float64. With ``alpha0 = 1`` every token is decoded by diffusion (a remainder is
+    appended as one last step); with ``alpha0 < 1`` about ``(1 - alpha0) n`` tokens are left over for the
+    sequential phase (not included here).
+    """
+    alpha0 = check_alpha0(alpha0)
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    counts: list[int] = []
+    remaining = int(n)
+    total = torch.zeros(1, dtype=torch.float64)
+    for k in range(steps, 0, -1):
+        if remaining == 0:
+            break
+        t, s = k / steps, (k - 1) / steps
+        a_t, a_s = alpha0 * (1.0 - t), alpha0 * (1.0 - s)
+        p = min(max((a_s - a_t) / (1.0 - a_t), 0.0), 1.0)
+        if p == 0.0:
+            continue
+        total.fill_(remaining)
+        c = int(torch.binomial(total, torch.tensor([p], dtype=torch.float64), generator=generator).item())
+        if c:
+            counts.append(c)
+            remaining -= c
+    if alpha0 == 1.0 and remaining:
+        counts.append(remaining)
+    return counts
+
+
+def _uniform(shape, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(shape, dtype=torch.float64, generator=generator)
+
+
+def random_order(free: Tensor, n_diffusion: int, generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample order: given positions (``~free``) first, ascending; then ``n_diffusion`` free positions
+    in a uniformly random order; then the remaining free positions ascending.
+
+    ``free`` [B, L] bool must have the same number of free positions in every row.
+    """
+    b, length = free.shape
+    pos = torch.arange(length).expand(b, length)
+    u = _uniform((b, length), generator).masked_fill(~free, 2.0)
+    perm = u.argsort(dim=1)
+    rank = torch.empty_like(perm).scatter_(1, perm, pos.contiguous())
+    diffusion = free & (rank < n_diffusion)
+    key = torch.where(~free, pos, torch.where(diffusion, length + rank, 2 * length + pos))
+    return key.argsort(dim=1)
+
+
+def _free_counts(free: Tensor) -> int:
+    n = free.sum(dim=1)
+    if (n != n[0]).any():
+        raise ValueError("every sample of a batch must have the same number of given tokens")
+    return int(n[0])
+
+
+def plan_from_counts(free: Tensor, counts: list[int], n_diffusion: int | None = None,
+                     generator: torch.Generator | None = None) -> Plan:
+    """A plan with fixed per-step counts: the first ``n_diffusion`` decoded tokens (default: all) take a
+    random order, the rest (the sequential tail) go left to right."""
+    n_free = _free_counts(free)
+    counts = [int(c) for c in counts if int(c) > 0]
+    if sum(counts) != n_free:
+        raise ValueError(f"step counts sum to {sum(counts)} but {n_free} tokens are to be decoded")
+    d = n_free if n_diffusion is None else int(n_diffusion)
+    order = random_order(free, d, generator)
+    return Plan(order, counts, int(free.shape[1] - n_free), d)
+
+
+def plan_binomial(free: Tensor, steps: int, alpha0: float, generator: torch.Generator | None = None) -> Plan:
+    """The Eso-LM schedule: binomial diffusion steps, then one step per remaining token, left to right."""
+    n_free = _free_counts(free)
+    diff = binomial_counts(n_free, steps, alpha0, generator)
+    d = sum(diff)
+    return Plan(random_order(free, d, generator), diff + [1] * (n_free - d), int(free.shape[1] - n_free), d)
+
+
+def plan_one_per_step(free: Tensor, alpha0: float, generator: torch.Generator | None = None) -> Plan:
+    """One token per network call (NFE = number of free tokens): each free position is decoded by the
+    diffusion phase with probability ``alpha0`` (random order), the rest left to right afterwards.
+    This is the T -> infinity limit of :func:`plan_binomial`."""
+    alpha0 = check_alpha0(alpha0)
+    n_free = _free_counts(free)
+    p = torch.tensor([alpha0], dtype=torch.float64)
+    d = n_free
+    if alpha0 < 1.0:
+        d = int(torch.binomial(p.new_full((1,), n_free), p, generator=generator).item())
+    return Plan(random_order(free, d, generator), [1] * n_free, int(free.shape[1] - n_free), d)
+
+
+def plan_strided(free: Tensor, steps: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None) -> Plan:
+    """The "subcontext" schedule: step j decodes the free positions ``{j, j + S, j + 2S, ...}``.
+
+    Every position is decoded by diffusion (this schedule has no sequential tail). With ``shuffle`` the
+    order of the ``S`` strides is random (shared by the batch, so counts stay shared).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    b, length = free.shape
+    n_free = _free_counts(free)
+    if (free != free[:1]).any():
+        raise ValueError("the strided schedule needs the same given positions in every sample")
+    stride_rank = torch.arange(steps)
+    if shuffle:
+        stride_rank = _uniform((steps,), generator).argsort().argsort()
+    pos = torch.arange(length)
+    step_of = stride_rank[pos % steps]
+    key = torch.where(free[0], length + step_of * length + pos, pos)
+    order = key.argsort().expand(b, length).contiguous()
+    counts = torch.bincount(step_of[free[0]], minlength=steps).tolist()
+    counts = [c for c in counts if c > 0]
+    return Plan(order, counts, length - n_free, n_free)
