@@ -1,0 +1,166 @@
+"""Metrics: unigram entropy, judge perplexity (tiny in-test judge vs brute force), MAUVE call path."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from esolm import metrics
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = "the a cat dog sat on mat ran far and big small red blue green tree house by".split()
+
+
+def tiny_tokenizer(bos: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kw = {"bos_token": "<s>"} if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", **kw), vocab
+
+
+def tiny_judge(bos: bool, context: int, batch_size: int = 4):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok, vocab = tiny_tokenizer(bos)
+    cfg = GPT2Config(vocab_size=len(vocab), n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg)
+    return metrics.Judge(model, tok, context=context, batch_size=batch_size), vocab
+
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a big red dog ran far and the small blue cat sat on a green tree by the house",
+    "tree",
+    "dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog dog",
+]
+
+
+def brute_force_nll(judge, vocab, text, bos):
+    """Score each target from its own window with one forward pass per token (no batching, no padding)."""
+    ids = ([vocab["<s>"]] if bos else []) + [vocab[w] for w in text.split()]
+    c = judge.context
+    total, n = 0.0, 0
+    for j in range(1, len(ids)):
+        start = ((j - 1) // (c - 1)) * (c - 1)  # window k covers [k(c-1), k(c-1)+c) and scores its tokens 1..
+        ctx = torch.tensor([ids[start:j]])
+        with torch.no_grad():
+            logp = torch.log_softmax(judge.model(ctx).logits[0, -1].double(), -1)
+        total -= float(logp[ids[j]])
+        n += 1
+    return total, n
+
+
+def test_entropy_hand_values():
+    assert metrics.sample_entropies([[1, 1, 1, 1]]) == [0.0]
+    assert metrics.sample_entropies([[1, 2, 3, 4]])[0] == pytest.approx(math.log(4))
+    # counts 2,1,1 -> p = .5,.25,.25
+    h = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert metrics.sample_entropies(torch.tensor([[5, 5, 7, 9]]))[0] == pytest.approx(h)
+    # average over samples, ignored ids removed before counting
+    assert metrics.unigram_entropy([[1, 2], [3, 3]]) == pytest.approx(math.log(2) / 2)
+    assert metrics.unigram_entropy([[1, 2, 0, 0]], ignore_ids=[0]) == pytest.approx(math.log(2))
+    with pytest.raises(ValueError):
+        metrics.unigram_entropy([])
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_judge_perplexity_matches_brute_force(bos):
+    judge, vocab = tiny_judge(bos, context=16)
+    score = judge.score(TEXTS)
+    nll, n = zip(*(brute_force_nll(judge, vocab, t, bos) for t in TEXTS))
+    assert score.tokens_per_sample == list(n)
+    # with a BOS every word is scored; without one the first word of each text has no prediction
+    assert score.tokens == sum(len(t.split()) - (0 if bos else 1) for t in TEXTS)
+    np.testing.assert_allclose(score.nll_per_sample, nll, rtol=1e-5)
+    assert score.perplexity == pytest.approx(math.exp(sum(nll) / sum(n)), rel=1e-5)
+    assert metrics.generative_perplexity(TEXTS, judge) == pytest.approx(score.perplexity)
+
+
+def test_judge_windows_and_batches_aggregate_exactly():
+    judge, vocab = tiny_judge(bos=True, context=5, batch_size=1)
+    assert judge.windows(list(range(9))) == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]]
+    assert judge.windows(list(range(10))) == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9]]
+    assert judge.windows([3]) == []
+    score = judge.score(TEXTS)
+    nll, n = zip(*(brute_force_nll(judge, vocab, t, True) for t in TEXTS))
+    np.testing.assert_allclose(score.nll_per_sample, nll, rtol=1e-5)
+    # any batch size gives the same exact aggregate; so does scoring subsets and merging
+    judge.batch_size = 3
+    again = judge.score(TEXTS)
+    np.testing.assert_allclose(again.nll_per_sample, score.nll_per_sample, rtol=1e-5)
+    merged = judge.score(TEXTS[:2]).merge(judge.score(TEXTS[2:]))
+    assert merged.tokens == score.tokens
+    assert merged.perplexity == pytest.approx(score.perplexity, rel=1e-6)
+    # the exact aggregate is not the mean of per-sample perplexities
+    per_sample = np.mean([math.exp(a / b) for a, b in zip(nll, n)])
+    assert abs(per_sample - score.perplexity) > 1e-3
+
+
+def test_judge_rejects_bad_context():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok, vocab = tiny_tokenizer(True)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=8, n_embd=8, n_layer=1, n_head=1))
+    with pytest.raises(ValueError):
+        metrics.Judge(model, tok, context=9)
+    assert metrics.Judge(model, tok).context == 8
+
+
+def test_mauve_identical_close_to_one_different_low():
+    pytest.importorskip("mauve")
+    rng = np.random.default_rng(0)
+    p, q = rng.normal(size=(80, 8)), rng.normal(size=(80, 8))
+    far = rng.normal(size=(80, 8)) + 3.0
+    kw = dict(num_buckets=4, kmeans_num_redo=1, kmeans_max_iter=50)
+    same = metrics.mauve_score(p, q, **kw)
+    diff = metrics.mauve_score(p, far, **kw)
+    assert same > 0.9
+    assert diff < 0.1
+    with pytest.raises(ValueError):
+        metrics.mauve_score(p, q[:, :4])
+
+
+def test_featurizer_mean_pools_real_tokens_only(tmp_path):
+    """Features are unit vectors and do not depend on the padding added by batching."""
+    from transformers import BertConfig, BertModel
+
+    tok, vocab = tiny_tokenizer(bos=False)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    model = BertModel(cfg)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    feat = metrics.Featurizer.load(tmp_path, batch_size=2)
+    texts = ["the cat", "a big red dog ran far and the small blue cat sat", "tree house"]
+    batched = feat(texts)
+    alone = np.concatenate([feat([t]) for t in texts])
+    assert batched.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    # hand mean pooling of the first text
+    ids = torch.tensor([[vocab["the"], vocab["cat"]]])
+    with torch.no_grad():
+        h = model(input_ids=ids).last_hidden_state[0].mean(0)
+    np.testing.assert_allclose(batched[0], (h / h.norm()).numpy(), atol=1e-5)
+    with pytest.raises(FileNotFoundError):
+        metrics.Featurizer.load(tmp_path / "missing")
+
+
+def test_judge_bos_token_choice():
+    judge, vocab = tiny_judge(bos=False, context=16)
+    explicit = metrics.Judge(judge.model, judge.tokenizer, context=16, bos_token="<s>")
+    assert explicit.bos_id == vocab["<s>"]
+    assert explicit.score(TEXTS).tokens == judge.score(TEXTS).tokens + len(TEXTS)
+    auto_with_bos, _ = tiny_judge(bos=True, context=16)
+    assert metrics.Judge(auto_with_bos.model, auto_with_bos.tokenizer, bos_token=None).bos_id is None
+    with pytest.raises(ValueError):
+        metrics.Judge(judge.model, judge.tokenizer, bos_token="<nope>")
