@@ -476,7 +476,7 @@ def method_from_hf(cfg: dict, name_or_path: str = "") -> dict:
     if kind == "mdlm":
         return {"name": "mdlm", "low_var": False}
     if kind == "esolm":
-        name = f"{cfg.get('_name_or_path', '')} {name_or_path}"
+        name = f"{name_or_path} {cfg.get('_name_or_path', '')}"  # the name asked for wins
         m = re.search(r"alpha-(\d+(?:[_.]\d+)?)", name)
         alpha0 = float(m.group(1).replace("_", ".")) if m else _AUTHORS_ALGO_DEFAULTS["alpha_0"]
         variant = _ESOLM_VARIANTS.get(cfg.get("diffusion_attn_mode", "causal"), "B")

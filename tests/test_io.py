@@ -1,0 +1,408 @@
+"""Weights in and out: esolm folders, the authors' Lightning / Hugging Face / fixture checkpoints."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import reference_files
+from esolm import io, masks
+from esolm.backbone import DiT
+from esolm.config import ModelConfig
+from esolm.io import (
+    CheckpointError,
+    from_pretrained,
+    load_authors_state_dict,
+    load_pretrained,
+    save_pretrained,
+)
+
+FIXTURES = reference_files()
+B_FIXTURE = next((p for p in FIXTURES if torch.load(p, weights_only=True)["mode"].upper() == "B"), None)
+METHOD = {"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.5, "low_var": True}
+
+
+def random_dit(seed=0, **kw):
+    cfg = dict(vocab_size=29, mask_id=28, hidden_size=32, cond_dim=16, n_layers=2, n_heads=4, length=8)
+    cfg.update(kw)
+    model = DiT(ModelConfig(**cfg))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _state_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _one_line(exc_info):
+    msg = str(exc_info.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_b_fixture_available():
+    assert B_FIXTURE is not None, "the reference folder has no Eso-LM (B) fixture"
+
+
+# ------------------------------------------------------------------ esolm format
+
+
+@pytest.mark.parametrize("kw", [{}, {"adaln": False, "mask_id": None}])
+def test_round_trip_is_bit_exact(tmp_path, kw):
+    model = random_dit(**kw)
+    save_pretrained(model, tmp_path / "m", method=METHOD)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary leftovers
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["format"] == "esolm" and meta["version"] == 1 and meta["model"] == model.config.to_dict()
+    loaded, method = load_pretrained(tmp_path / "m")
+    assert method == METHOD and loaded.config == model.config and not loaded.training
+    _state_equal(model, loaded)
+    x = torch.randint(0, 28, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_dit_methods_delegate_and_overwrite(tmp_path):
+    first, second = random_dit(seed=1), random_dit(seed=2)
+    first.save_pretrained(tmp_path / "m")
+    second.save_pretrained(tmp_path / "m", method={"name": "mdlm", "low_var": False})
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = DiT.from_pretrained(tmp_path / "m")
+    _state_equal(second, loaded)
+    assert load_pretrained(tmp_path / "m" / "model.safetensors")[1] == {"name": "mdlm", "low_var": False}
+
+
+def test_bf16_round_trip_keeps_precision(tmp_path):
+    model = random_dit().to(torch.bfloat16)
+    save_pretrained(model, tmp_path / "m")
+    _state_equal(model, from_pretrained(tmp_path / "m"))
+
+
+def test_shared_storage_is_saved_as_separate_tensors(tmp_path):
+    model = random_dit()
+    model.output_layer.linear.weight = model.vocab_embed.embedding  # [V, d] both: tie them
+    save_pretrained(model, tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.output_layer.linear.weight, model.vocab_embed.embedding)
+    assert loaded.output_layer.linear.weight.data_ptr() != loaded.vocab_embed.embedding.data_ptr()
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "save_file", boom)
+    with pytest.raises(OSError):
+        save_pretrained(random_dit(), tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_is_one_line_error_naming_the_file(tmp_path, damage):
+    save_pretrained(random_dit(), tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path / "m")
+    assert "model.safetensors" in _one_line(info)
+
+
+def test_weights_of_another_architecture(tmp_path):
+    save_pretrained(random_dit(hidden_size=32), tmp_path / "m")
+    other = ModelConfig(**{**random_dit().config.to_dict(), "hidden_size": 64})
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path / "m", config=other)
+    msg = _one_line(info)
+    assert "has shape [29, 32] in the checkpoint but [29, 64]" in msg
+    assert "checkpoint is for hidden_size 32 but config says 64" in msg
+
+
+def test_missing_path_and_unknown_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_pretrained(tmp_path / "nope")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "config.json").write_text('{"hello": 1}')
+    with pytest.raises(CheckpointError, match="neither"):
+        load_pretrained(tmp_path / "f")
+
+
+# ------------------------------------------------------------------ authors' state dicts
+
+
+def _fixture():
+    return torch.load(B_FIXTURE, weights_only=True)
+
+
+def _fixture_config(fx):
+    return io.config_from_authors(fx["config"], fx["vocab_size"], fx["mask_index"])
+
+
+def _diffusion_logits(model, fx):
+    d = fx["diffusion"]
+    with torch.no_grad():
+        return model(d["zt_sorted"], positions=d["sort_idx"], mask=masks.causal(d["zt_sorted"].shape[1]))
+
+
+def test_config_and_method_from_authors():
+    fx = _fixture()
+    cfg = _fixture_config(fx)
+    assert (cfg.hidden_size, cfg.cond_dim, cfg.n_layers, cfg.n_heads, cfg.length, cfg.dropout) == (
+        64, 32, 2, 4, 32, 0.0)
+    assert cfg.adaln and cfg.mask_id == fx["mask_index"]
+    base = {"algo": {"diffusion_attn_mode": "causal"}}
+    assert io.method_from_authors(base)["variant"] == "B"
+    assert io.method_from_authors({"algo": {"diffusion_attn_mode": "mixed2"}})["variant"] == "A"
+    full = {"algo": {"name": "esolm", "diffusion_attn_mode": "causal", "alpha_0": 0.125, "batch_split": 0.5,
+                     "loss_type": "low_var"}}
+    expected = {"name": "esolm", "variant": "B", "alpha0": 0.125, "batch_split": 0.5, "low_var": True}
+    assert io.method_from_authors(full) == expected
+    mdlm = io.method_from_authors({"algo": {"name": "mdlm", "loss_type": "elbo"}})
+    assert mdlm == {"name": "mdlm", "low_var": False}
+    ar = {"algo": {"name": "ar", "causal_attention": True}, "model": fx["config"]["model"]}
+    assert io.method_from_authors(ar) == {"name": "ar"}
+    ar_cfg = io.config_from_authors(ar, 50, 49)
+    assert not ar_cfg.adaln and ar_cfg.mask_id is None
+    with pytest.raises(CheckpointError, match="bidirectional"):
+        io.method_from_authors({"algo": {"name": "esolm", "diffusion_attn_mode": "bidirectional"}})
+
+
+def test_load_authors_state_dict_strips_prefix_and_drops_other_parts():
+    fx = _fixture()
+    state = {f"backbone.{k}": v for k, v in fx["state_dict"].items()}
+    state["noise.something"] = torch.zeros(3)
+    model = load_authors_state_dict(state, _fixture_config(fx))
+    assert (_diffusion_logits(model.eval(), fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
+    # a bare (unprefixed) dict works too; the rotary buffer may be absent (it is a fixed function)
+    bare = {k: v for k, v in fx["state_dict"].items() if k != "rotary_emb.inv_freq"}
+    bare["noise.x"] = torch.zeros(1)
+    model = load_authors_state_dict(bare, _fixture_config(fx))
+    assert torch.equal(model.rotary_emb.inv_freq, fx["state_dict"]["rotary_emb.inv_freq"])
+
+
+def test_load_authors_state_dict_errors():
+    fx = _fixture()
+    cfg = _fixture_config(fx)
+    missing = dict(fx["state_dict"])
+    del missing["blocks.1.attn_qkv.weight"]
+    with pytest.raises(CheckpointError) as info:
+        load_authors_state_dict(missing, cfg)
+    assert "missing keys blocks.1.attn_qkv.weight" in _one_line(info)
+    extra = dict(fx["state_dict"], **{"blocks.2.norm1.weight": torch.ones(64)})
+    with pytest.raises(CheckpointError) as info:
+        load_authors_state_dict(extra, cfg)
+    assert "unexpected keys blocks.2.norm1.weight" in _one_line(info)
+    small = ModelConfig(**{**cfg.to_dict(), "hidden_size": 32, "cond_dim": 32})
+    with pytest.raises(CheckpointError) as info:
+        load_authors_state_dict(fx["state_dict"], small)
+    assert "checkpoint is for hidden_size 64 but config says 32" in _one_line(info)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
+def test_fixture_files_load_through_from_pretrained(path):
+    fx = torch.load(path, weights_only=True)
+    model = from_pretrained(path)
+    assert isinstance(model, DiT)
+    for k, v in fx["state_dict"].items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_bare_state_dict_needs_a_config(tmp_path):
+    fx = _fixture()
+    torch.save(fx["state_dict"], tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="pass config="):
+        load_pretrained(tmp_path / "w.pt")
+    model = from_pretrained(tmp_path / "w.pt", config=fx["config"], mask_index=fx["mask_index"])
+    assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------ Lightning checkpoints
+
+
+class FakeTokenizer:
+    """Stands for the tokenizer the authors' LightningModule saves among its hyper-parameters."""
+
+    ran = False
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def __setstate__(self, state):
+        FakeTokenizer.ran = True
+        self.__dict__.update(state)
+
+
+def _lightning_ckpt(path, fx, omegaconf, with_config=True):
+    cfg = omegaconf.OmegaConf.create({
+        "data": {"seq_len": fx["length"]},
+        "model": {**fx["config"]["model"], "length": "${data.seq_len}"},
+        "algo": {**fx["config"]["algo"], "name": "esolm", "alpha_0": 0.25, "batch_split": 0.5,
+                 "loss_type": "low_var"},
+        "loader": {"batch_size": 4, "eval_batch_size": "${.batch_size}", "sizes": [1, 2]},
+    })
+    model = DiT(_fixture_config(fx))
+    model.load_state_dict(fx["state_dict"])
+    params = [p.detach() for _, p in model.named_parameters()]
+    shadow = [p * 0.5 + 0.01 for p in params]
+    hp = {"tokenizer": FakeTokenizer(["a", "b"]), "vocab_size": fx["vocab_size"]}
+    if with_config:
+        hp["config"] = cfg
+    ckpt = {
+        "epoch": 3, "global_step": 100, "pytorch-lightning_version": "2.6.6",
+        "state_dict": {f"backbone.{k}": v for k, v in fx["state_dict"].items()},
+        "ema": {"decay": 0.9999, "num_updates": 100, "shadow_params": shadow},
+        "hyper_parameters": hp,
+        "loops": {"fit_loop": {"state_dict": {}}},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(100.0)}}, "param_groups": [{"lr": 3e-4}]}],
+    }
+    torch.save(ckpt, path)
+    return shadow
+
+
+def _forbid_omegaconf(monkeypatch, omegaconf):
+    def refuse(*a, **k):
+        raise AssertionError("omegaconf code ran while loading a checkpoint")
+
+    import omegaconf.base
+    import omegaconf.nodes
+
+    for cls in (omegaconf.base.Node, omegaconf.DictConfig, omegaconf.ListConfig, omegaconf.nodes.AnyNode,
+                omegaconf.base.Metadata, omegaconf.base.ContainerMetadata):
+        monkeypatch.setattr(cls, "__init__", refuse)
+    monkeypatch.setattr(omegaconf.base.Node, "__setstate__", refuse)
+
+
+def test_lightning_checkpoint_without_running_pickled_code(tmp_path, monkeypatch):
+    omegaconf = pytest.importorskip("omegaconf")  # in the dev extra
+    fx = _fixture()
+    shadow = _lightning_ckpt(tmp_path / "last.ckpt", fx, omegaconf)
+    with pytest.raises(pickle.UnpicklingError):  # plain weights_only loading refuses this file
+        torch.load(tmp_path / "last.ckpt", weights_only=True)
+    _forbid_omegaconf(monkeypatch, omegaconf)
+    FakeTokenizer.ran = False
+
+    raw = io.read_checkpoint(tmp_path / "last.ckpt")
+    cfg = raw["hyper_parameters"]["config"]
+    assert type(cfg) is dict and cfg["model"]["length"] == fx["length"]  # interpolation resolved
+    assert cfg["loader"] == {"batch_size": 4, "eval_batch_size": 4, "sizes": [1, 2]}
+    assert isinstance(raw["hyper_parameters"]["tokenizer"], io.InertObject)
+
+    model, method = load_pretrained(tmp_path / "last.ckpt")  # EMA by default
+    assert method == {"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.5, "low_var": True}
+    assert model.config == _fixture_config(fx)
+    for (name, p), s in zip(model.named_parameters(), shadow):
+        assert torch.equal(p, s), name
+    assert torch.equal(model.rotary_emb.inv_freq, fx["state_dict"]["rotary_emb.inv_freq"])
+
+    raw_model = from_pretrained(tmp_path / "last.ckpt", use_ema=False)
+    assert (_diffusion_logits(raw_model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
+    assert not FakeTokenizer.ran
+
+
+def test_lightning_checkpoint_with_unrecoverable_config(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    fx = _fixture()
+    _lightning_ckpt(tmp_path / "last.ckpt", fx, omegaconf, with_config=False)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path / "last.ckpt")
+    assert "pass config=" in _one_line(info)
+    model = from_pretrained(tmp_path / "last.ckpt", config=_fixture_config(fx), use_ema=False)
+    assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
+
+
+def test_ema_of_wrong_size_is_refused(tmp_path):
+    fx = _fixture()
+    ckpt = {"state_dict": fx["state_dict"], "config": fx["config"], "vocab_size": fx["vocab_size"],
+            "mask_index": fx["mask_index"], "ema": {"shadow_params": [torch.zeros(3)]}}
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    with pytest.raises(CheckpointError, match="EMA holds 1 tensors"):
+        load_pretrained(tmp_path / "x.ckpt")
+    assert from_pretrained(tmp_path / "x.ckpt", use_ema=False) is not None
+
+
+# ------------------------------------------------------------------ authors' Hugging Face layout
+
+
+def _hf_folder(folder, fx, kind, weights="safetensors"):
+    folder.mkdir()
+    m = fx["config"]["model"]
+    if kind == "esolm":  # s-sahoo/Eso-LMs models/hf/config.py (EsoLMConfig) + push_to_hf.py
+        meta = {"model_type": "EsoLM", "vocab_size": fx["vocab_size"], "mask_index": fx["mask_index"],
+                "model_length": m["length"], "hidden_size": m["hidden_size"], "hidden_dim": m["hidden_size"],
+                "cond_dim": m["cond_dim"], "n_blocks": m["n_blocks"], "n_heads": m["n_heads"],
+                "dropout": m["dropout"], "_name_or_path": "sahoo-diffusion/Eso-LM-B-alpha-0_25",
+                "architectures": ["EsoLM"], "return_dict": False}
+    else:  # MDLMConfig: hidden_dim, no mask_index (the mask is the last id)
+        meta = {"model_type": "mdlm", "vocab_size": fx["vocab_size"], "model_length": m["length"],
+                "hidden_dim": m["hidden_size"], "cond_dim": m["cond_dim"], "n_blocks": m["n_blocks"],
+                "n_heads": m["n_heads"], "dropout": m["dropout"], "time_conditioning": False}
+    (folder / "config.json").write_text(json.dumps(meta))
+    state = {f"backbone.{k}": v.contiguous() for k, v in fx["state_dict"].items()}
+    if weights == "safetensors":
+        save_file(state, str(folder / "model.safetensors"))
+    elif weights == "sharded":
+        keys = sorted(state)
+        half = len(keys) // 2
+        save_file({k: state[k] for k in keys[:half]}, str(folder / "model-00001-of-00002.safetensors"))
+        save_file({k: state[k] for k in keys[half:]}, str(folder / "model-00002-of-00002.safetensors"))
+        weight_map = {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(keys)}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "sharded", "bin"])
+def test_authors_hf_esolm_folder(tmp_path, weights):
+    fx = _fixture()
+    folder = _hf_folder(tmp_path / "hf", fx, "esolm", weights)
+    model, method = load_pretrained(folder)
+    assert method == {"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.0, "low_var": False}
+    assert model.config == _fixture_config(fx)
+    assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
+
+
+def test_authors_hf_mdlm_folder(tmp_path):
+    fx = _fixture()
+    folder = _hf_folder(tmp_path / "hf", fx, "mdlm")
+    model, method = load_pretrained(folder)
+    assert method == {"name": "mdlm", "low_var": False}
+    assert model.config.mask_id == fx["vocab_size"] - 1
+    assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
+
+
+def test_repo_id_offline_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained("sahoo-diffusion/Eso-LM-B-alpha-1", cache_dir=tmp_path, local_files_only=True)
+    msg = _one_line(info)
+    assert "sahoo-diffusion/Eso-LM-B-alpha-1" in msg and "Hugging Face Hub" in msg
+
+
+def test_repo_id_downloads_through_the_hub_client(tmp_path, monkeypatch):
+    """A repo id goes through huggingface_hub.snapshot_download (replaced here by a local copy)."""
+    import huggingface_hub
+
+    fx = _fixture()
+    folder = _hf_folder(tmp_path / "snap", fx, "esolm")
+    seen = {}
+
+    def fake_snapshot_download(**kwargs):
+        seen.update(kwargs)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, method = load_pretrained("sahoo-diffusion/Eso-LM-B-alpha-1", revision="main")
+    assert seen["repo_id"] == "sahoo-diffusion/Eso-LM-B-alpha-1" and seen["revision"] == "main"
+    assert method["alpha0"] == 1.0
+    assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
