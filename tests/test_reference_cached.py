@@ -7,8 +7,8 @@ every step's logits (mask logit set to -1e6) and the greedy tokens. We replay th
 
 import pytest
 import torch
-from conftest import reference_files
 
+from conftest import reference_files
 from esolm.io import config_from_authors, load_authors_state_dict
 from esolm.sampling import Plan, sample_esolm_b
 
