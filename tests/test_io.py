@@ -82,6 +82,25 @@ def test_dit_methods_delegate_and_overwrite(tmp_path):
     assert load_pretrained(tmp_path / "m" / "model.safetensors")[1] == {"name": "mdlm", "low_var": False}
 
 
+def test_wrapped_models_save_their_own_keys(tmp_path):
+    model = random_dit()
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # what DDP-style wrappers look like
+    save_pretrained(wrapper, tmp_path / "m")
+    _state_equal(model, from_pretrained(tmp_path / "m"))
+    with pytest.raises(CheckpointError, match="expects an esolm DiT"):
+        save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_pt_file_with_esolm_config(tmp_path):
+    model = random_dit()
+    torch.save({"state_dict": model.state_dict(), "config": model.config.to_dict(), "method": METHOD},
+               tmp_path / "step100.pt")
+    loaded, method = load_pretrained(tmp_path / "step100.pt")
+    assert method == METHOD
+    _state_equal(model, loaded)
+
+
 def test_bf16_round_trip_keeps_precision(tmp_path):
     model = random_dit().to(torch.bfloat16)
     save_pretrained(model, tmp_path / "m")

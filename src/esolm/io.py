@@ -373,13 +373,28 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _unwrap(model: Any) -> DiT:
+    """The DiT inside ``torch.compile`` (``_orig_mod``) and DDP/FSDP-style (``module``) wrappers."""
+    seen = 0
+    while not isinstance(model, DiT) and seen < 8:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            break
+        model, seen = inner, seen + 1
+    if not isinstance(model, DiT):
+        raise CheckpointError(f"save_pretrained expects an esolm DiT, got {type(model).__name__}")
+    return model
+
+
 def save_pretrained(model: DiT, path: str | os.PathLike, method: dict | None = None) -> None:
     """Write ``path/model.safetensors`` and ``path/config.json``, atomically.
 
     A new folder is assembled beside ``path`` and renamed into place; an existing folder gets each file
-    written to a temporary name and renamed over the old one (weights first, then config).
+    written to a temporary name and renamed over the old one (weights first, then config). Compiled or
+    distributed wrappers are unwrapped, so the keys are always the DiT's own.
     """
     path = Path(path)
+    model = _unwrap(model)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict(), "method": method}
     state = _unshared_cpu_state(model)
     if path.exists() and not path.is_dir():
@@ -520,15 +535,20 @@ def _load_pickled(file: Path, config: Any, use_ema: bool, mask_index: int | None
         if mask is None and vocab is not None:
             mask = int(vocab) - 1  # the authors append the mask token when the tokenizer has none
         method = None
+        own = isinstance(authors_cfg, dict) and "model" not in authors_cfg and "hidden_size" in authors_cfg
         if config is not None:
             cfg = _user_config(config, vocab, mask)
+        elif own:  # esolm's own ModelConfig dict (e.g. a training checkpoint)
+            cfg = ModelConfig.from_dict(authors_cfg)
         elif isinstance(authors_cfg, dict):
             cfg = config_from_authors(authors_cfg, vocab, mask)
         else:
             raise CheckpointError(
                 f"{file}: its config could not be recovered (hyper_parameters unreadable); pass config="
             )
-        if isinstance(authors_cfg, dict):
+        if own:
+            method = ckpt.get("method")
+        elif isinstance(authors_cfg, dict):
             method = method_from_authors(authors_cfg)
         model = load_authors_state_dict(state, cfg)
         ema = ckpt.get("ema")
