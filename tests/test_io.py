@@ -425,3 +425,48 @@ def test_repo_id_downloads_through_the_hub_client(tmp_path, monkeypatch):
     assert seen["repo_id"] == "sahoo-diffusion/Eso-LM-B-alpha-1" and seen["revision"] == "main"
     assert method["alpha0"] == 1.0
     assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_checkpoint_written_by_lightning_trainer(tmp_path, monkeypatch):
+    """A checkpoint saved by a real Lightning Trainer, hyper-parameters holding an omegaconf config the
+    way the authors' LightningModule saves them (``save_hyperparameters()`` of config/tokenizer/vocab)."""
+    omegaconf = pytest.importorskip("omegaconf")
+    lightning = pytest.importorskip("lightning")
+
+    class Authors(lightning.LightningModule):
+        def __init__(self, config, tokenizer=None, vocab_size=None):
+            super().__init__()
+            self.save_hyperparameters()
+            m = config.model
+            self.backbone = DiT(ModelConfig(
+                vocab_size=vocab_size, mask_id=vocab_size - 1, hidden_size=m.hidden_size, cond_dim=m.cond_dim,
+                n_layers=m.n_blocks, n_heads=m.n_heads, length=m.length, dropout=m.dropout))
+
+        def training_step(self, batch, batch_idx):
+            return self.backbone(batch[0]).logsumexp(-1).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    cfg = omegaconf.OmegaConf.create({
+        "model": {"hidden_size": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 4, "length": 8,
+                  "dropout": 0.0},
+        "algo": {"name": "esolm", "diffusion_attn_mode": "mixed2", "alpha_0": 0.5, "loss_type": "low_var"},
+    })
+    module = Authors(cfg, tokenizer=FakeTokenizer(["a"]), vocab_size=20)
+    tokens = torch.utils.data.TensorDataset(torch.randint(0, 20, (4, 8)))
+    data = torch.utils.data.DataLoader(tokens, batch_size=2)
+    trainer = lightning.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+
+    _forbid_omegaconf(monkeypatch, omegaconf)
+    FakeTokenizer.ran = False
+    model, method = load_pretrained(tmp_path / "last.ckpt")
+    assert method == {"name": "esolm", "variant": "A", "alpha0": 0.5, "batch_split": 0.0, "low_var": True}
+    assert model.config == module.backbone.config
+    _state_equal(module.backbone, model)
+    assert not FakeTokenizer.ran
