@@ -470,3 +470,49 @@ def test_checkpoint_written_by_lightning_trainer(tmp_path, monkeypatch):
     assert model.config == module.backbone.config
     _state_equal(module.backbone, model)
     assert not FakeTokenizer.ran
+
+
+EVIL_RAN = []
+
+
+def _evil(arg):
+    EVIL_RAN.append(arg)
+    return arg
+
+
+class Payload:
+    """An object whose unpickling would call a function of the checkpoint's choosing."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+def test_pickled_calls_are_never_executed(tmp_path):
+    import os
+
+    fx = _fixture()
+    base = {"state_dict": fx["state_dict"], "config": fx["config"], "vocab_size": fx["vocab_size"],
+            "mask_index": fx["mask_index"]}
+    torch.save({**base, "extra": Payload(_evil, "ran")}, tmp_path / "a.ckpt")
+    assert from_pretrained(tmp_path / "a.ckpt") is not None
+    assert EVIL_RAN == []
+    extra = io.read_checkpoint(tmp_path / "a.ckpt")["extra"]
+    assert isinstance(extra, io.InertObject) and extra.qualname.endswith("_evil") and extra.args == ("ran",)
+    # functions of blocked modules (os, sys) are refused outright
+    torch.save({**base, "extra": Payload(os.system, "true")}, tmp_path / "b.ckpt")  # pickled as posix.system
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path / "b.ckpt")
+    assert "b.ckpt" in _one_line(info)
+
+
+def test_corrupt_pickle_checkpoint_is_one_line_error(tmp_path):
+    fx = _fixture()
+    torch.save({"state_dict": fx["state_dict"], "config": fx["config"]}, tmp_path / "c.ckpt")
+    data = (tmp_path / "c.ckpt").read_bytes()
+    (tmp_path / "c.ckpt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path / "c.ckpt")
+    assert "c.ckpt" in _one_line(info)

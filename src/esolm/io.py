@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -114,19 +113,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     dicts/lists (interpolations like ``${model.length}`` resolved where they are plain references).
     """
     path = Path(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # non-tensor globals: retry below with inert stand-ins
-    except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, ...
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from None
-    try:
+    try:  # a scan of the pickle only (no tensor data): which globals would weights_only refuse?
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        with torch.serialization.safe_globals(_inert_globals(names)):
+    except Exception:  # noqa: BLE001 - legacy or damaged file: torch.load below reports it
+        names = []
+    try:
+        if names:
+            with torch.serialization.safe_globals(_inert_globals(names)):
+                obj = torch.load(path, map_location=map_location, weights_only=True)
+        else:
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, blocked global, ...
         raise CheckpointError(
-            f"{path}: cannot be read safely with weights_only=True ({_one_line(exc)})"
+            f"{path}: not a checkpoint that can be read safely with weights_only=True ({_one_line(exc)})"
         ) from None
     return _plain(obj)
 
