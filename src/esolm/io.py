@@ -56,9 +56,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model (one-line message)."""
 
 
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation of torch.load")
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """The informative line of an exception (torch's weights_only errors bury it under boilerplate)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_BOILERPLATE)]
+    text = (useful or lines or [""])[0]
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 # --------------------------------------------------------------------------------------------------
