@@ -449,6 +449,8 @@ def _read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{folder / WEIGHTS_INDEX_NAME}: empty weight_map")
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise CheckpointError(f"{folder / WEIGHTS_INDEX_NAME}: shard {shard!r} is outside the folder")
             state.update(_read_safetensors(folder / shard))
         return state
     if (folder / TORCH_WEIGHTS_NAME).is_file():
