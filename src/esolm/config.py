@@ -48,13 +48,15 @@ class ModelConfig:
 
         for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "length", "mlp_ratio"):
             v = getattr(self, name)
-            req(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            req(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                f"{name} must be a positive integer, got {v!r}")
         req(self.hidden_size % self.n_heads == 0,
             f"n_heads ({self.n_heads}) must divide hidden_size ({self.hidden_size})")
         req(self.head_dim % 2 == 0, f"head dimension hidden_size/n_heads = {self.head_dim} must be even for rotary")
         req(0.0 <= float(self.dropout) < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.adaln:
-            req(isinstance(self.cond_dim, int) and self.cond_dim > 0, f"cond_dim must be positive, got {self.cond_dim!r}")
+            req(isinstance(self.cond_dim, int) and self.cond_dim > 0,
+                f"cond_dim must be positive, got {self.cond_dim!r}")
         if self.mask_id is not None:
             req(0 <= self.mask_id < self.vocab_size,
                 f"mask_id {self.mask_id} is outside the vocabulary [0, {self.vocab_size})")
