@@ -1,0 +1,136 @@
+"""``esolm eval MODEL``: NELBO and importance-weighted perplexity on held-out or zero-shot data.
+
+Examples::
+
+    esolm eval runs/tiny/export                      # held-out split of the embedded corpus
+    esolm eval runs/tiny/export --iw-k 1,4,16 --json eval.json
+    esolm eval sahoo-diffusion/Eso-LM-B-alpha-0_25 --tokenizer gpt2 --zero-shot   # network
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..cli import UserError
+from ..evaluation import (
+    PAD_MODE_SOURCES,
+    ZERO_SHOT_SUITE,
+    check_tokenizer,
+    default_device,
+    eval_texts,
+    evaluate,
+    load_model,
+    load_tokenizer,
+    parse_int_list,
+    supports_iw,
+    token_dataset,
+    write_json,
+    zero_shot_texts,
+)
+from ..recipes import DataSection
+
+_D = DataSection()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a save_pretrained folder, a training checkpoint, or a Hugging Face repo id")
+    p.add_argument("--data", default="wiki",
+                   help="data source: wiki (embedded corpus), a .txt/.jsonl path, or a corpus name "
+                        "(openwebtext, lm1b, wikitext2, ...; network)")
+    p.add_argument("--split", default="validation", choices=("validation", "train"))
+    p.add_argument("--zero-shot", nargs="?", const=",".join(ZERO_SHOT_SUITE), default=None, metavar="NAMES",
+                   help=f"evaluate on the paper's zero-shot suite (default all: {','.join(ZERO_SHOT_SUITE)}; "
+                        "needs network and the datasets package) instead of --data")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name or folder (default: saved with the model)")
+    p.add_argument("--length", type=int, default=None, help="sequence length (default: the model's)")
+    p.add_argument("--mode", default=None, choices=("pack", "pad"), help="sequence building (default pack)")
+    p.add_argument("--val-fraction", type=float, default=_D.val_fraction,
+                   help="held-out fraction of the source")
+    p.add_argument("--split-seed", type=int, default=_D.split_seed, help="seed of the document split")
+    p.add_argument("--max-documents", type=int, default=None, help="use only the first N documents")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    p.add_argument("--iw-k", default=None, metavar="K1,K2,..",
+                   help="importance-weighted bound with K orders (causal Eso-LM (B) only), e.g. 1,4,16")
+    p.add_argument("--iw-alpha0", type=float, default=None,
+                   help="alpha0 of the IW orders (default: the model's)")
+    p.add_argument("--iw-chunk", type=int, default=None, help="(order, sequence) rows per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None,
+                   help="torch device (default: the available accelerator, else cpu)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+
+
+def _check(args) -> tuple[list[int], list[str]]:
+    """Validate every argument before any work."""
+    for name in ("batch_size", "max_batches", "max_documents", "length", "iw_chunk"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.iw_alpha0 is not None and not 0.0 <= args.iw_alpha0 <= 1.0:
+        raise UserError(f"--iw-alpha0 must be in [0, 1], got {args.iw_alpha0}")
+    ks = parse_int_list(args.iw_k, "--iw-k") if args.iw_k else []
+    names = [s.strip() for s in args.zero_shot.split(",") if s.strip()] if args.zero_shot else []
+    unknown = [n for n in names if n not in ZERO_SHOT_SUITE]
+    if unknown:
+        raise UserError(f"unknown zero-shot dataset(s) {', '.join(unknown)} "
+                        f"(choose from {', '.join(ZERO_SHOT_SUITE)})")
+    return ks, names
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    ks, zero_shot = _check(args)
+    device = args.device or default_device()
+    model, method = load_model(args.model, device=device)
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    check_tokenizer(model, tokenizer)
+    length = args.length or model.config.length
+    if length > model.config.length:
+        raise UserError(f"--length {length} exceeds the model's length {model.config.length}")
+    if ks and not supports_iw(method):
+        raise UserError(f"--iw-k needs a causal Eso-LM (B) model; {args.model} is {method['name']}"
+                        + (" (A)" if method.get("variant") == "A" else ""))
+
+    sets = zero_shot or [args.data]
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    results = []
+    for name in sets:
+        texts = (zero_shot_texts(name) if zero_shot
+                 else eval_texts(name, args.split, args.val_fraction, args.split_seed, args.max_documents))
+        if zero_shot and args.max_documents:
+            texts = texts[: args.max_documents]
+        mode = args.mode or ("pad" if name in PAD_MODE_SOURCES else "pack")
+        ids, valid = token_dataset(texts, tokenizer, length, mode)
+        label = name if zero_shot else f"{name}:{args.split}"
+        res = evaluate(model, method, ids, valid, dataset=label, batch_size=args.batch_size, iw_ks=ks,
+                       iw_alpha0=args.iw_alpha0, iw_chunk=args.iw_chunk, seed=args.seed,
+                       max_batches=args.max_batches)
+        results.append(res)
+        console.print(f"[dim]{label}: {res.sequences} sequences, {res.tokens} tokens, "
+                      f"{res.seconds:.1f} s[/dim]")
+
+    table = Table(title=f"esolm eval {args.model} ({method['name']}"
+                        + (f", alpha0={method['alpha0']:g}" if "alpha0" in method else "") + ")")
+    for col in ("dataset", "tokens", "NELBO (nats/tok)", "PPL <="):
+        table.add_column(col, justify="right")
+    for k in ks:
+        table.add_column(f"IW K={k} PPL <=", justify="right")
+    for r in results:
+        table.add_row(r.dataset, str(r.tokens), f"{r.nelbo:.4f}", f"{r.perplexity:.2f}",
+                      *(f"{r.iw[k]['perplexity']:.2f}" for k in ks))
+    Console().print(table)
+
+    if args.json:
+        payload = {"model": str(args.model), "method": method, "tokenizer": tokenizer.name, "length": length,
+                   "seed": args.seed, "batch_size": args.batch_size, "iw_k": ks,
+                   "seconds": time.perf_counter() - t0, "results": [r.to_dict() for r in results]}
+        write_json(args.json, payload)
+    return 0

@@ -1,0 +1,250 @@
+"""Likelihood evaluation of a trained model on a dataset (``esolm eval``).
+
+For one model and one token dataset this computes
+
+* the **NELBO perplexity**: ``exp(sum over terms of summed NLL / token count)`` with the model's own
+  method dict (alpha0 and batch_split as in training, ELBO weights, never the low-variance training
+  loss), aggregated exactly over the whole dataset (:func:`esolm.likelihood.nelbo`). For an AR model it
+  is the exact perplexity;
+* the **importance-weighted bound** with K generation orders (``--iw-k 1,4,16``; causal Eso-LM (B)
+  only): ``-log (1/K) sum_k p(x | order_k)`` per sequence from the single-pass any-order likelihood,
+  summed over sequences and divided by the number of tokens. It decreases towards ``-log p(x)`` as K
+  grows (METHOD.md section 4).
+
+Datasets: the held-out split of a local source (the embedded Wikipedia corpus by default, no network) or
+the paper's zero-shot suite (PTB, WikiText, LM1B, LAMBADA, AG News, PubMed, arXiv; downloaded with
+Hugging Face ``datasets`` on first use). Every random choice (diffusion times, masks, orders) comes
+from one seeded ``torch.Generator``, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from .cli import UserError
+from .io import load_pretrained
+from .likelihood import iw_bound, nelbo
+from .objectives import build_objective, normalize_method
+from .recipes import DataSection
+from .tokenizers import META_FILE, Tokenizer, get_tokenizer
+
+Tensor = torch.Tensor
+
+_DATA_DEFAULTS = DataSection()
+
+# The paper's zero-shot suite. Sources known to esolm.data are loaded there; the others are read here:
+# name -> (dataset path, config, text column, split)
+EXTRA_ZERO_SHOT = {
+    "ag_news": ("fancyzhx/ag_news", None, "text", "test"),
+    "pubmed": ("ccdv/pubmed-summarization", None, "article", "test"),
+    "arxiv": ("ccdv/arxiv-summarization", None, "article", "test"),
+}
+ZERO_SHOT_SUITE = ("ptb", "wikitext2", "wikitext103", "lm1b", "lambada", "ag_news", "pubmed", "arxiv")
+# LAMBADA passages are scored one per sequence (padded), as in the MDLM/Eso-LM evaluations
+PAD_MODE_SOURCES = ("lambada",)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models, tokenizers and devices
+
+
+def default_device() -> torch.device:
+    """The accelerator torch reports as available, else the CPU."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.is_available():
+        return torch.device(acc.current_accelerator())
+    return torch.device("cpu")
+
+
+def load_model(path: str | os.PathLike,
+               device: str | torch.device | None = None) -> tuple[torch.nn.Module, dict]:
+    """A model and its normalised method dict from a ``save_pretrained`` folder or a checkpoint file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    model, method = load_pretrained(p, device=device)
+    if method is None:
+        raise UserError(f"{path} does not say which method it is (no method dict saved with the model)")
+    return model.eval(), normalize_method(method)
+
+
+def load_tokenizer(model_path: str | os.PathLike, name: str | None = None) -> Tokenizer:
+    """``name`` when given, else the tokenizer saved beside the model (``esolm_tokenizer.json``)."""
+    if name:
+        return get_tokenizer(name)
+    p = Path(model_path)
+    folder = p if p.is_dir() else p.parent
+    for d in (folder, folder.parent):
+        if (d / META_FILE).is_file():
+            return Tokenizer.load(d)
+    raise UserError(f"no tokenizer saved with {model_path}; pass --tokenizer NAME (e.g. esolm-bpe-8k)")
+
+
+def check_tokenizer(model, tokenizer: Tokenizer) -> None:
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "
+                        f"vocabulary is {model.config.vocab_size}; pass the tokenizer it was trained with "
+                        "(--tokenizer)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def zero_shot_texts(name: str) -> list[str]:
+    """Test documents of a zero-shot dataset (network and the ``datasets`` package on first use)."""
+    if name in data_mod.HF_CORPORA:
+        return data_mod.load_hf_texts(name, "validation")
+    if name not in EXTRA_ZERO_SHOT:
+        raise UserError(f"unknown zero-shot dataset {name!r} (choose from {', '.join(ZERO_SHOT_SUITE)})")
+    try:
+        import datasets
+    except ImportError as e:
+        raise UserError(f"zero-shot dataset {name!r} needs the datasets package "
+                        "(pip install datasets)") from e
+    path, config, column, split = EXTRA_ZERO_SHOT[name]
+    ds = datasets.load_dataset(path, config, split=split)
+    return [t for t in ds[column] if t and t.strip()]
+
+
+def eval_texts(source: str, split: str = "validation", val_fraction: float = _DATA_DEFAULTS.val_fraction,
+               split_seed: int = _DATA_DEFAULTS.split_seed, max_documents: int | None = None) -> list[str]:
+    """Documents of ``split`` (``validation``/``train``) of a training source, or of a zero-shot set."""
+    if source in EXTRA_ZERO_SHOT:
+        texts = zero_shot_texts(source)
+    else:
+        train, val = data_mod.source_texts(source, val_fraction, split_seed, max_documents)
+        texts = val if split == "validation" else train
+    if max_documents is not None:
+        texts = texts[:max_documents]
+    if not texts:
+        raise UserError(f"data source {source!r} has no {split} documents")
+    return texts
+
+
+def token_dataset(texts: Sequence[str], tokenizer: Tokenizer, length: int,
+                  mode: str = "pack") -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, valid)`` [N, L] arrays: packed (or padded) sequences exactly as training builds them."""
+    ids, valid = data_mod.tokenize_sequences(list(texts), tokenizer, length, mode)
+    return np.asarray(ids, dtype=np.int64), np.asarray(valid, dtype=bool)
+
+
+def batches(ids: np.ndarray, valid: np.ndarray, batch_size: int, device: torch.device,
+            max_batches: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    if batch_size < 1:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    n = len(ids)
+    for k, s in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and k >= max_batches:
+            return
+        yield (torch.from_numpy(ids[s:s + batch_size]).to(device),
+               torch.from_numpy(valid[s:s + batch_size]).to(device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalResult:
+    """Perplexities of one dataset (all aggregated over tokens, never averaged over batches)."""
+
+    dataset: str
+    sequences: int
+    tokens: int
+    nelbo: float  # nats per token
+    perplexity: float  # exp(nelbo)
+    terms: dict[str, float] = field(default_factory=dict)  # per-token NLL of each loss term
+    iw: dict[int, dict[str, float]] = field(default_factory=dict)  # K -> {"nll": nats/token, "perplexity"}
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["iw"] = {str(k): v for k, v in self.iw.items()}
+        return d
+
+
+def supports_iw(method: dict) -> bool:
+    return method["name"] == "esolm" and method.get("variant", "B") == "B"
+
+
+@torch.no_grad()
+def evaluate(model, method: dict, ids: np.ndarray, valid: np.ndarray, *, dataset: str = "data",
+             batch_size: int = 16, iw_ks: Sequence[int] = (), iw_alpha0: float | None = None,
+             iw_chunk: int | None = None, seed: int = 0, max_batches: int | None = None) -> EvalResult:
+    """NELBO (and importance-weighted) perplexity of ``model`` on token rows ``ids``/``valid``.
+
+    ``iw_alpha0`` is the alpha0 of the order distribution (default: the model's own); ``iw_chunk`` is the
+    number of (order, sequence) rows per forward pass of the IW bound.
+    """
+    method = normalize_method(method)
+    if iw_ks and not supports_iw(method):
+        raise UserError("the importance-weighted bound needs a causal Eso-LM (B) model "
+                        f"(this one is {method['name']}{' (A)' if method.get('variant') == 'A' else ''})")
+    if len(ids) == 0:
+        raise UserError(f"dataset {dataset!r} has no sequences")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        res = nelbo(model, build_objective(method), batches(ids, valid, batch_size, device, max_batches), gen)
+        n_seq = min(len(ids), batch_size * max_batches) if max_batches is not None else len(ids)
+        out = EvalResult(dataset=dataset, sequences=n_seq, tokens=res.tokens, nelbo=res.nelbo,
+                         perplexity=res.perplexity, terms=res.terms)
+        a0 = method.get("alpha0", 1.0) if iw_alpha0 is None else float(iw_alpha0)
+        for k in iw_ks:
+            gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * int(k))
+            total, count = 0.0, 0
+            for x0, v in batches(ids, valid, batch_size, device, max_batches):
+                bound = iw_bound(model, x0, int(k), a0, gen, chunk_size=iw_chunk, valid=v, method=method)
+                total += float(bound.sum())
+                count += int(v.sum())
+            out.iw[int(k)] = {"nll": total / count, "perplexity": math.exp(total / count)}
+    finally:
+        model.train(was_training)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]`` (positive integers)."""
+    try:
+        vals = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated positive integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise UserError(f"{what} must be comma-separated positive integers, got {text!r}")
+    return vals
+
+
+def parse_float_list(text: str, what: str, lo: float = 0.0, hi: float = 1.0) -> list[float]:
+    try:
+        vals = [float(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals or any(not lo <= v <= hi for v in vals):
+        raise UserError(f"{what} must be comma-separated numbers in [{lo}, {hi}], got {text!r}")
+    return vals
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON atomically (temporary file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, p)
+    return p
