@@ -154,16 +154,16 @@ def iw_bound(model, x0: Tensor, K: int, alpha0: float, generator: torch.Generato
              method: dict | None = None) -> Tensor:
     """Importance-weighted bound ``-log (1/K) sum_k exp(ll_k)`` per sequence (float64 ``[B]``, nats).
 
-    The K x B (order, sequence) rows are evaluated ``chunk_size`` rows per forward pass (default: all
-    at once), row ``k * B + b`` being order k of sequence b. Orders come from :func:`sample_orders`.
-    Aggregate perplexity exactly as ``exp(sum of bounds / number of valid tokens)``.
+    The K x B (order, sequence) rows are evaluated ``chunk_size`` rows per forward pass (default B: one
+    order of every sequence per pass), row ``k * B + b`` being order k of sequence b. Orders come from
+    :func:`sample_orders`. Aggregate perplexity exactly as ``exp(sum of bounds / number of valid tokens)``.
     """
     if K < 1:
         raise ValueError(f"K must be >= 1, got {K}")
     _check_anyorder(model, method)
     b, n = x0.shape
     rows = K * b
-    chunk = rows if chunk_size is None else max(1, int(chunk_size))
+    chunk = b if chunk_size is None else max(1, int(chunk_size))
     ll = torch.empty(rows, dtype=torch.float64, device=x0.device)
     for start in range(0, rows, chunk):
         r = torch.arange(start, min(start + chunk, rows), device=x0.device)
