@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-batch-size", type=int, default=8)
     g.add_argument("--mauve", action="store_true", help="MAUVE against held-out text (MiniLM features)")
     g.add_argument("--mauve-data", default="wiki", help="reference text source (held-out split)")
+    g.add_argument("--val-fraction", type=float, default=_D.val_fraction, help="held-out fraction of --mauve-data")
+    g.add_argument("--split-seed", type=int, default=_D.split_seed, help="seed of the document split")
     g.add_argument("--features", default=None,
                    help="sentence-embedding model folder (default: all-MiniLM-L6-v2)")
     g.add_argument("--summary", default=None, metavar="PATH", help="write the metrics summary as JSON")
@@ -73,6 +75,8 @@ def _check(args) -> None:
         raise UserError(f"--alpha0 must be in [0, 1], got {args.alpha0}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.mauve and args.num_samples < 2:
         raise UserError("--mauve needs at least 2 samples")
     if args.out != "-" and Path(args.out).is_dir():
@@ -192,7 +196,7 @@ def run(args) -> int:
         reference = None
         if featurizer is not None:
             reference = reference_texts(args.mauve_data, tokenizer, args.max_length or model.config.length,
-                                        len(rows))
+                                        len(rows), args.val_fraction, args.split_seed)
         summary.update(quality_summary(rows, entropy=args.entropy, judge=judge,
                                        featurizer=featurizer, reference=reference))
         shown = {k: summary[k] for k in ("entropy", "gen_ppl", "mauve") if k in summary}
