@@ -222,3 +222,43 @@ def test_sample_gen_ppl_and_mauve(workspace, tmp_path, capsys):
     assert 0.0 <= summary["mauve"] <= 1.0 and summary["mauve_reference_samples"] == 6
     assert np.isfinite(summary["entropy"])
     assert "gen_ppl=" in err and "mauve=" in err
+
+
+def test_frontier_sweep_outputs(workspace, tmp_path):
+    """`esolm bench frontier` (frontier.run): one row per (model, sampling alpha0, steps), AR once; the CSV's
+    Gen PPL is the judge's perplexity of the saved samples; PNG plots are written."""
+    import argparse
+    import csv
+
+    from esolm import frontier
+
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("mauve")
+    ws = workspace
+    judge_dir, feat_dir = tiny_hf_models(tmp_path, WORDS)
+    parser = argparse.ArgumentParser()
+    frontier.add_arguments(parser)
+    out = tmp_path / "front"
+    m = ws["models"]
+    args = parser.parse_args([f"E={m['eso']}", f"A={m['ar']}", f"M={m['mdlm']}", "--steps", "2,4",
+                              "--alpha0", "0.25,0.5", "--num-samples", "4", "--judge", str(judge_dir),
+                              "--judge-context", "8", "--features", str(feat_dir), "--mauve-data", str(ws["data"]),
+                              "--val-fraction", "0.5", "--out", str(out), "--no-warmup"])
+    assert frontier.run(args) == 0
+    rows = list(csv.DictReader((out / "frontier.csv").open()))
+    keys = [(r["label"], r["alpha0"], r["steps"]) for r in rows]
+    assert keys == [("E", "0.25", "2"), ("E", "0.25", "4"), ("E", "0.5", "2"), ("E", "0.5", "4"),
+                    ("A", "", ""), ("M", "", "2"), ("M", "", "4")]
+    assert rows[0]["description"] == "Eso-LM (B) alpha0=0.5"
+    for r in rows:  # MDLM: at most one network call per step; Eso-LM: at least the sequential steps
+        assert 1 <= int(r["nfe"]) <= (int(r["steps"]) if r["label"] == "M" else 16)
+    judge = metrics.Judge.load(str(judge_dir), context=8)
+    texts = [json.loads(ln)["text"] for ln in (out / "samples" / "E-a0.25-T4.jsonl").read_text().splitlines()]
+    assert float(rows[1]["gen_ppl"]) == pytest.approx(judge.perplexity(texts), rel=1e-6)
+    for r in rows:
+        assert float(r["seconds"]) > 0 and 0.0 <= float(r["mauve"]) <= 1.0
+    for name in ("frontier_gen_ppl.png", "frontier_mauve.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "frontier.md").read_text().splitlines()
+    assert len(md) == 2 + len(rows) and md[0].startswith("| model |")
+    assert json.loads((out / "frontier.json").read_text())["judge"] == str(judge_dir)
