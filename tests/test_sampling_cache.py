@@ -188,3 +188,11 @@ def test_plan_from_counts_matches_given_schedule():
     assert plan.bounds() == [(2, 7), (7, 8), (8, 9), (9, 16)]
     with pytest.raises(ValueError):
         plan_from_counts(x == M, [5, 1], generator=torch.Generator())
+
+
+def test_cached_step_mask_is_a_slice_of_the_causal_mask():
+    """The (B) sampler slices one causal mask instead of building ``cached_step`` at every step."""
+    causal = masks.causal(12)
+    for start in range(0, 10):
+        for n in range(1, 12 - start + 1):
+            assert torch.equal(causal[:, :, start:start + n, :start + n], masks.cached_step(start, n))

@@ -62,13 +62,15 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
     """
     mask_id = model.config.mask_id
     tokens, order = _prepare(model, x, plan)
-    cache = model.new_cache(tokens.shape[1])
+    length = tokens.shape[1]
+    cache = model.new_cache(length)
+    # masks.cached_step(start, n) == causal[start:start + n, :start + n]: slice one mask, allocate none
+    causal = masks.causal(length, tokens.device)
     steps = [] if trace else None
     start = 0  # first sorted index not yet in the cache
     with Stopwatch(model.device) as sw:
         for k, (lo, hi) in enumerate(plan.bounds()):
-            n_new = hi - start
-            mask = None if n_new == 1 else masks.cached_step(start, n_new, tokens.device)
+            mask = None if hi - start == 1 else causal[:, :, start:hi, :hi]
             logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache, commit=lo - start)
             logits = logits[:, lo - start:]
             if step_callback is not None:
