@@ -196,3 +196,17 @@ def test_cached_step_mask_is_a_slice_of_the_causal_mask():
     for start in range(0, 10):
         for n in range(1, 12 - start + 1):
             assert torch.equal(causal[:, :, start:start + n, :start + n], masks.cached_step(start, n))
+
+
+def test_frozen_conditioning_gives_identical_logits():
+    """Samplers precompute the adaLN modulations once (sigma = 0); the network output is unchanged."""
+    model = tiny_model(seed=6)
+    x = torch.randint(0, V, (3, L))
+    pos = torch.randperm(L).expand(3, L)
+    with torch.no_grad():
+        ref = model(x, pos, mask=masks.causal(L))
+        got = model(x, pos, mask=masks.causal(L), cond=model.frozen_conditioning(3))
+    assert torch.equal(ref, got)
+    with pytest.raises(ValueError):
+        model(x, pos, cond=model.frozen_conditioning(2))
+    assert tiny_model(adaln=False).frozen_conditioning(3) is None

@@ -32,10 +32,12 @@ def sample_ar(model, x: Tensor, prompt_len: int, *, top_p=None, generator: torch
     steps = [] if trace else None
     start = 0
     with Stopwatch(model.device) as sw:
+        cond = model.frozen_conditioning(b)  # None for the AR transformer (no adaLN)
         for k, i in enumerate(range(prompt_len, length)):
             n_new = i - start
             mask = None if n_new == 1 else masks.causal(n_new, tokens.device)
-            logits = model(tokens[:, start:i], positions[:, start:i], mask=mask, cache=cache, commit=n_new)
+            logits = model(tokens[:, start:i], positions[:, start:i], mask=mask, cache=cache, commit=n_new,
+                           cond=cond)
             logits = logits[:, -1:]
             if step_callback is not None:
                 step_callback(k, i, i + 1, logits, tokens)

@@ -59,6 +59,7 @@ def sample_bd3(model, x: Tensor, block_size: int, *, steps: int | None = None, s
     steps_trace = [] if trace else None
     nfe = 0
     with Stopwatch(device) as sw:
+        cond = model.frozen_conditioning(b)  # sigma = 0 at every step
         for blk, has_free in enumerate(free_blocks):
             if not has_free:
                 continue  # clean (given) block: cached by the next block's first call
@@ -70,10 +71,10 @@ def sample_bd3(model, x: Tensor, block_size: int, *, steps: int | None = None, s
                     start = cache.length
                     mask = None if start == lo else block_causal_step(start, block_of[start:hi])
                     out = model(tokens[:, start:hi], positions[:, start:hi], mask=mask, cache=cache,
-                                commit=lo - start)
+                                commit=lo - start, cond=cond)
                     state["first"] = False
                     return out[:, lo - start:]
-                return model(tokens[:, lo:hi], positions[:, lo:hi], cache=cache, commit=0)
+                return model(tokens[:, lo:hi], positions[:, lo:hi], cache=cache, commit=0, cond=cond)
 
             kw = dict(top_p=top_p, generator=generator, greedy=greedy, step_callback=step_callback,
                       step0=nfe, trace=steps_trace)

@@ -69,9 +69,11 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
     steps = [] if trace else None
     start = 0  # first sorted index not yet in the cache
     with Stopwatch(model.device) as sw:
+        cond = model.frozen_conditioning(tokens.shape[0])  # sigma = 0 at every step
         for k, (lo, hi) in enumerate(plan.bounds()):
             mask = None if hi - start == 1 else causal[:, :, start:hi, :hi]
-            logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache, commit=lo - start)
+            logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache, commit=lo - start,
+                           cond=cond)
             logits = logits[:, lo - start:]
             if step_callback is not None:
                 step_callback(k, lo, hi, logits, tokens)
@@ -98,19 +100,21 @@ def sample_esolm_a(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
     steps = [] if trace else None
     start = 0
     with Stopwatch(model.device) as sw:
+        cond = model.frozen_conditioning(b)
         for k, (lo, hi) in enumerate(plan.bounds()):
             if lo < prefix:  # diffusion phase: full pass over [clean ; this step's masks]
                 mask = masks.prefix_lm(torch.full((b,), lo, device=device), hi, device)
-                logits = model(tokens[:, :hi], order[:, :hi], mask=mask)[:, lo:]
+                logits = model(tokens[:, :hi], order[:, :hi], mask=mask, cond=cond)[:, lo:]
             elif lo == prefix:  # first sequential call: cache the bidirectional clean prefix
                 mask = masks.prefix_lm(torch.full((b,), lo, device=device), hi, device)
-                logits = model(tokens[:, :hi], order[:, :hi], mask=mask, cache=cache, commit=lo)[:, lo:]
+                logits = model(tokens[:, :hi], order[:, :hi], mask=mask, cache=cache, commit=lo,
+                               cond=cond)[:, lo:]
                 start = lo
             else:  # cached sequential step: [previous token ; this mask]
                 n_new = hi - start
                 mask = None if n_new == 1 else masks.cached_step(start, n_new, device)
                 logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache,
-                               commit=lo - start)[:, lo - start:]
+                               commit=lo - start, cond=cond)[:, lo - start:]
                 start = lo
             if step_callback is not None:
                 step_callback(k, lo, hi, logits, tokens)

@@ -103,9 +103,10 @@ def sample_mdlm(model, x: Tensor, *, steps: int | None = None, sampler: str = "a
     kw = dict(top_p=top_p, generator=generator, greedy=greedy, step_callback=step_callback, trace=steps_trace)
 
     def call() -> Tensor:
-        return model(tokens)  # bidirectional: no mask
+        return model(tokens, cond=cond)  # bidirectional: no mask
 
     with Stopwatch(model.device) as sw:
+        cond = model.frozen_conditioning(b)  # sigma = 0 at every step
         if sampler == "ancestral":
             nfe = ancestral_window(call, tokens, 0, length, steps or length, mask_id, **kw)
         elif sampler in ("first_hitting", "left_to_right"):
