@@ -262,3 +262,38 @@ def test_frontier_sweep_outputs(workspace, tmp_path):
     md = (out / "frontier.md").read_text().splitlines()
     assert len(md) == 2 + len(rows) and md[0].startswith("| model |")
     assert json.loads((out / "frontier.json").read_text())["judge"] == str(judge_dir)
+
+
+def test_eval_defaults_to_the_training_split(workspace, tmp_path, capsys):
+    """An exported folder's training_config.yaml decides the held-out split unless the command line overrides."""
+    import shutil
+
+    import yaml
+
+    ws = workspace
+    folder = tmp_path / "exported"
+    shutil.copytree(ws["models"]["ar"], folder)
+    recipe = {"data": {"source": str(ws["data"]), "val_fraction": 0.5, "split_seed": 0, "max_documents": 16,
+                       "mode": "pack", "length": LENGTH}}
+    (folder / "training_config.yaml").write_text(yaml.safe_dump(recipe))
+    rc, _, err = run_cli(["eval", folder, "--json", tmp_path / "a.json"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["eval", ws["models"]["ar"], "--data", ws["data"], "--val-fraction", 0.5,
+                          "--max-documents", 16, "--json", tmp_path / "b.json"], capsys)
+    assert rc == 0, err
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["data"] == {"source": str(ws["data"]), "val_fraction": 0.5, "split_seed": 0, "max_documents": 16,
+                         "mode": "pack"}
+    assert a["data"] == b["data"]
+    assert a["results"][0]["tokens"] == b["results"][0]["tokens"]
+    assert a["results"][0]["perplexity"] == pytest.approx(b["results"][0]["perplexity"], rel=1e-9)
+    # another source does not inherit the recipe's split settings; explicit options always win
+    from esolm.evaluation import LoadedModel, resolve_data
+    from esolm.recipes import DataSection
+
+    loaded = LoadedModel(model=None, method={"name": "ar"}, tokenizer=ws["tok"], data=recipe["data"])
+    d = DataSection()
+    assert resolve_data(loaded, "wiki") == {"source": "wiki", "val_fraction": d.val_fraction,
+                                            "split_seed": d.split_seed, "max_documents": None, "mode": d.mode}
+    assert resolve_data(loaded, None, val_fraction=0.25)["val_fraction"] == 0.25
+    assert resolve_data(loaded, None)["max_documents"] == 16

@@ -67,28 +67,93 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(path: str | os.PathLike,
-               device: str | torch.device | None = None) -> tuple[torch.nn.Module, dict]:
-    """A model and its normalised method dict from a ``save_pretrained`` folder or a checkpoint file."""
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation or sampling, with what it was trained with."""
+
+    model: torch.nn.Module
+    method: dict  # normalised method dict
+    tokenizer: Tokenizer
+    data: dict  # the training recipe's data section ({} when unknown)
+
+
+def _from_training_checkpoint(path: Path):
+    """``training.model_from_checkpoint`` of an esolm ``.ckpt``; None when the file is another kind."""
+    if not (path.is_file() and path.suffix == ".ckpt"):
+        return None
+    from .training import CheckpointError, model_from_checkpoint
+
+    try:
+        return model_from_checkpoint(path)
+    except CheckpointError as e:
+        if "is not an esolm training checkpoint" in str(e):
+            return None  # e.g. the authors' Lightning checkpoint: esolm.io reads it
+        raise
+
+
+def load_model(path: str | os.PathLike, tokenizer: str | None = None,
+               device: str | torch.device | None = None) -> LoadedModel:
+    """Load what ``esolm eval``/``sample`` evaluate: an esolm training checkpoint (``.ckpt``, EMA weights),
+    a ``save_pretrained``/``esolm export`` folder, an authors' checkpoint or Hugging Face repo.
+
+    The tokenizer is ``tokenizer`` (a name or folder) when given, else the one saved with the model. The
+    training recipe's data section (source, split, length ...) is returned when the model carries it, so
+    that evaluation uses the held-out split the model was trained against.
+    """
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model not found: {path}")
-    model, method = load_pretrained(p, device=device)
+    data: dict = {}
+    trained = _from_training_checkpoint(p)
+    if trained is not None:
+        model, method, tok, cfg = trained
+        data = dict(cfg.get("data") or {})
+        if device is not None:
+            model = model.to(device)
+    else:
+        model, method = load_pretrained(p, device=device)
+        tok = None
+        folder = p if p.is_dir() else p.parent
+        cfg_file = folder / "training_config.yaml"
+        if cfg_file.is_file():
+            import yaml
+
+            data = dict((yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {})
     if method is None:
         raise UserError(f"{path} does not say which method it is (no method dict saved with the model)")
-    return model.eval(), normalize_method(method)
+    if tokenizer:
+        tok = get_tokenizer(tokenizer)
+    elif tok is None:
+        tok = _saved_tokenizer(p)
+    loaded = LoadedModel(model.eval(), normalize_method(method), tok, data)
+    check_tokenizer(loaded.model, tok)
+    return loaded
 
 
-def load_tokenizer(model_path: str | os.PathLike, name: str | None = None) -> Tokenizer:
-    """``name`` when given, else the tokenizer saved beside the model (``esolm_tokenizer.json``)."""
-    if name:
-        return get_tokenizer(name)
-    p = Path(model_path)
-    folder = p if p.is_dir() else p.parent
+def _saved_tokenizer(path: Path) -> Tokenizer:
+    folder = path if path.is_dir() else path.parent
     for d in (folder, folder.parent):
         if (d / META_FILE).is_file():
             return Tokenizer.load(d)
-    raise UserError(f"no tokenizer saved with {model_path}; pass --tokenizer NAME (e.g. esolm-bpe-8k)")
+    raise UserError(f"no tokenizer saved with {path}; pass --tokenizer NAME (e.g. esolm-bpe-8k)")
+
+
+def resolve_data(loaded: LoadedModel, source: str | None = None, val_fraction: float | None = None,
+                 split_seed: int | None = None, max_documents: int | None = None,
+                 mode: str | None = None) -> dict:
+    """Data options: the command line's values, else (for the model's own training source) the training
+    recipe's, so the held-out split is the one the model never saw; else esolm's defaults."""
+    src = source or loaded.data.get("source") or "wiki"
+    same = src == loaded.data.get("source")
+
+    def pick(key, given):
+        if given is not None:
+            return given
+        if same and loaded.data.get(key) is not None:
+            return loaded.data[key]
+        return getattr(_DATA_DEFAULTS, key)
+
+    return {"source": src, "val_fraction": float(pick("val_fraction", val_fraction)),
+            "split_seed": int(pick("split_seed", split_seed)), "max_documents": pick("max_documents", max_documents),
+            "mode": pick("mode", mode)}
 
 
 def check_tokenizer(model, tokenizer: Tokenizer) -> None:
@@ -138,6 +203,18 @@ def token_dataset(texts: Sequence[str], tokenizer: Tokenizer, length: int,
     """``(ids, valid)`` [N, L] arrays: packed (or padded) sequences exactly as training builds them."""
     ids, valid = data_mod.tokenize_sequences(list(texts), tokenizer, length, mode)
     return np.asarray(ids, dtype=np.int64), np.asarray(valid, dtype=bool)
+
+
+def reference_texts(data: dict, tokenizer: Tokenizer, length: int, n: int) -> list[str]:
+    """Up to ``n`` held-out sequences of ``length`` tokens (packed as in training), decoded: the human
+    text MAUVE compares samples with. ``data`` comes from :func:`resolve_data`."""
+    texts = eval_texts(data["source"], "validation", data["val_fraction"], data["split_seed"], data["max_documents"])
+    ids, valid = token_dataset(texts, tokenizer, length, "pack")
+    rows = [r[v].tolist() for r, v in zip(ids, valid)][:n]
+    if len(rows) < 2:
+        raise UserError(f"the held-out split of {data['source']!r} has too few sequences of length {length} "
+                        "for MAUVE")
+    return tokenizer.decode_batch(rows)
 
 
 def batches(ids: np.ndarray, valid: np.ndarray, batch_size: int, device: torch.device,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -29,17 +30,14 @@ from pathlib import Path
 
 from .cli import UserError
 from .evaluation import (
-    check_tokenizer,
     default_device,
     load_model,
-    load_tokenizer,
     parse_float_list,
     parse_int_list,
+    reference_texts,
+    resolve_data,
     write_json,
 )
-from .recipes import DataSection
-
-_D = DataSection()
 
 COLUMNS = ("label", "description", "method", "train_alpha0", "alpha0", "steps", "num_samples", "nfe", "seconds",
            "seconds_per_sample", "gen_ppl", "mauve", "entropy")
@@ -91,20 +89,19 @@ def _describe(method: dict) -> str:
 def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: list[float] | None = None,
                  num_samples: int = 32, batch_size: int | None = None, top_p: float | None = 0.9, seed: int = 0,
                  sampler: str = "auto", tokenizer_name: str | None = None, judge=None, featurizer=None,
-                 mauve_data: str = "wiki", val_fraction: float = _D.val_fraction,
-                 split_seed: int = _D.split_seed, device=None, samples_dir: Path | None = None,
+                 mauve_data: str | None = None, val_fraction: float | None = None,
+                 split_seed: int | None = None, device=None, samples_dir: Path | None = None,
                  warmup: bool = True, log=print) -> list[FrontierPoint]:
     """Sample every (model, sampling alpha0, steps) point and score it; see the module docstring."""
     from . import metrics
-    from .commands.sample import _write_jsonl, generate_samples, reference_texts
+    from .commands.sample import _write_jsonl, generate_samples
 
     device = device or default_device()
     points: list[FrontierPoint] = []
     ref_features: dict[tuple[str, int], object] = {}
     for label, path in models:
-        model, method = load_model(path, device=device)
-        tok = load_tokenizer(path, tokenizer_name)
-        check_tokenizer(model, tok)
+        loaded = load_model(path, tokenizer_name, device=device)
+        model, method, tok = loaded.model, loaded.method, loaded.tokenizer
         name = method["name"]
         train_a0 = method.get("alpha0")
         a0_list = (alpha0s or [train_a0]) if name == "esolm" else [None]
@@ -113,11 +110,10 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
             generate_samples(model, method, tok, num_samples=1, steps=2 if name != "ar" else None, seed=seed)
         ref = None
         if featurizer is not None:
-            key = (tok.fingerprint, model.config.length)
+            data = resolve_data(loaded, mauve_data, val_fraction, split_seed)
+            key = (tok.fingerprint, model.config.length, json.dumps(data, sort_keys=True))
             if key not in ref_features:
-                texts = reference_texts(mauve_data, tok, model.config.length, num_samples, val_fraction,
-                                        split_seed)
-                ref_features[key] = featurizer(texts)
+                ref_features[key] = featurizer(reference_texts(data, tok, model.config.length, num_samples))
             ref = ref_features[key]
         for a0 in a0_list:
             for t in step_list:
@@ -253,9 +249,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-batch-size", type=int, default=8)
     p.add_argument("--no-gen-ppl", action="store_true", help="skip generative perplexity")
     p.add_argument("--no-mauve", action="store_true", help="skip MAUVE")
-    p.add_argument("--mauve-data", default="wiki", help="reference text source (held-out split)")
-    p.add_argument("--val-fraction", type=float, default=_D.val_fraction)
-    p.add_argument("--split-seed", type=int, default=_D.split_seed)
+    p.add_argument("--mauve-data", default=None,
+                   help="reference text source, held-out split (default: each model's training source)")
+    p.add_argument("--val-fraction", type=float, default=None, help="default: the training recipe's")
+    p.add_argument("--split-seed", type=int, default=None, help="default: the training recipe's")
     p.add_argument("--features", default=None, help="sentence-embedding folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--no-warmup", action="store_true", help="time the first call of each model too")
     p.add_argument("--device", default=None)

@@ -16,28 +16,24 @@ from ..cli import UserError
 from ..evaluation import (
     PAD_MODE_SOURCES,
     ZERO_SHOT_SUITE,
-    check_tokenizer,
     default_device,
     eval_texts,
     evaluate,
     load_model,
-    load_tokenizer,
     parse_int_list,
+    resolve_data,
     supports_iw,
     token_dataset,
     write_json,
     zero_shot_texts,
 )
-from ..recipes import DataSection
-
-_D = DataSection()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a save_pretrained folder, a training checkpoint, or a Hugging Face repo id")
-    p.add_argument("--data", default="wiki",
+    p.add_argument("--data", default=None,
                    help="data source: wiki (embedded corpus), a .txt/.jsonl path, or a corpus name "
-                        "(openwebtext, lm1b, wikitext2, ...; network)")
+                        "(openwebtext, lm1b, wikitext2, ...; network); default: the model's training source")
     p.add_argument("--split", default="validation", choices=("validation", "train"))
     p.add_argument("--zero-shot", nargs="?", const=",".join(ZERO_SHOT_SUITE), default=None, metavar="NAMES",
                    help=f"evaluate on the paper's zero-shot suite (default all: {','.join(ZERO_SHOT_SUITE)}; "
@@ -46,9 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer name or folder (default: saved with the model)")
     p.add_argument("--length", type=int, default=None, help="sequence length (default: the model's)")
     p.add_argument("--mode", default=None, choices=("pack", "pad"), help="sequence building (default pack)")
-    p.add_argument("--val-fraction", type=float, default=_D.val_fraction,
+    p.add_argument("--val-fraction", type=float, default=None,
                    help="held-out fraction of the source")
-    p.add_argument("--split-seed", type=int, default=_D.split_seed, help="seed of the document split")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the document split (default: the training recipe's)")
     p.add_argument("--max-documents", type=int, default=None, help="use only the first N documents")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
@@ -69,7 +66,7 @@ def _check(args) -> tuple[list[int], list[str]]:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    if not 0.0 < args.val_fraction < 1.0:
+    if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.iw_alpha0 is not None and not 0.0 <= args.iw_alpha0 <= 1.0:
         raise UserError(f"--iw-alpha0 must be in [0, 1], got {args.iw_alpha0}")
@@ -88,9 +85,8 @@ def run(args) -> int:
 
     ks, zero_shot = _check(args)
     device = args.device or default_device()
-    model, method = load_model(args.model, device=device)
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
-    check_tokenizer(model, tokenizer)
+    loaded = load_model(args.model, args.tokenizer, device=device)
+    model, method, tokenizer = loaded.model, loaded.method, loaded.tokenizer
     length = args.length or model.config.length
     if length > model.config.length:
         raise UserError(f"--length {length} exceeds the model's length {model.config.length}")
@@ -98,16 +94,18 @@ def run(args) -> int:
         raise UserError(f"--iw-k needs a causal Eso-LM (B) model; {args.model} is {method['name']}"
                         + (" (A)" if method.get("variant") == "A" else ""))
 
-    sets = zero_shot or [args.data]
+    data = resolve_data(loaded, args.data, args.val_fraction, args.split_seed, args.max_documents, args.mode)
+    sets = zero_shot or [data["source"]]
     console = Console(stderr=True)
     t0 = time.perf_counter()
     results = []
     for name in sets:
-        texts = (zero_shot_texts(name) if zero_shot
-                 else eval_texts(name, args.split, args.val_fraction, args.split_seed, args.max_documents))
-        if zero_shot and args.max_documents:
-            texts = texts[: args.max_documents]
-        mode = args.mode or ("pad" if name in PAD_MODE_SOURCES else "pack")
+        if zero_shot:
+            texts = zero_shot_texts(name)[: args.max_documents]
+            mode = args.mode or ("pad" if name in PAD_MODE_SOURCES else "pack")
+        else:
+            texts = eval_texts(name, args.split, data["val_fraction"], data["split_seed"], data["max_documents"])
+            mode = data["mode"]
         ids, valid = token_dataset(texts, tokenizer, length, mode)
         label = name if zero_shot else f"{name}:{args.split}"
         res = evaluate(model, method, ids, valid, dataset=label, batch_size=args.batch_size, iw_ks=ks,
@@ -119,10 +117,10 @@ def run(args) -> int:
 
     table = Table(title=f"esolm eval {args.model} ({method['name']}"
                         + (f", alpha0={method['alpha0']:g}" if "alpha0" in method else "") + ")")
-    for col in ("dataset", "tokens", "NELBO (nats/tok)", "PPL <="):
-        table.add_column(col, justify="right")
-    for k in ks:
-        table.add_column(f"IW K={k} PPL <=", justify="right")
+    table.caption = "NELBO in nats/token; perplexities are upper bounds (exact for AR)"
+    table.add_column("dataset", no_wrap=True)
+    for col in ("tokens", "NELBO", "PPL", *(f"IW K={k}" for k in ks)):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         table.add_row(r.dataset, str(r.tokens), f"{r.nelbo:.4f}", f"{r.perplexity:.2f}",
                       *(f"{r.iw[k]['perplexity']:.2f}" for k in ks))
@@ -130,6 +128,7 @@ def run(args) -> int:
 
     if args.json:
         payload = {"model": str(args.model), "method": method, "tokenizer": tokenizer.name, "length": length,
+                   "data": None if zero_shot else data,
                    "seed": args.seed, "batch_size": args.batch_size, "iw_k": ks,
                    "seconds": time.perf_counter() - t0, "results": [r.to_dict() for r in results]}
         write_json(args.json, payload)

@@ -22,10 +22,7 @@ import time
 from pathlib import Path
 
 from ..cli import UserError
-from ..evaluation import check_tokenizer, default_device, eval_texts, load_model, load_tokenizer, write_json
-from ..recipes import DataSection
-
-_D = DataSection()
+from ..evaluation import default_device, load_model, reference_texts, resolve_data, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,9 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-context", type=int, default=None, help="judge window (default: min(max, 1024))")
     g.add_argument("--judge-batch-size", type=int, default=8)
     g.add_argument("--mauve", action="store_true", help="MAUVE against held-out text (MiniLM features)")
-    g.add_argument("--mauve-data", default="wiki", help="reference text source (held-out split)")
-    g.add_argument("--val-fraction", type=float, default=_D.val_fraction, help="held-out fraction of --mauve-data")
-    g.add_argument("--split-seed", type=int, default=_D.split_seed, help="seed of the document split")
+    g.add_argument("--mauve-data", default=None,
+                   help="reference text source, held-out split (default: the model's training source)")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out fraction of --mauve-data (default: the training recipe's)")
+    g.add_argument("--split-seed", type=int, default=None, help="seed of the document split")
     g.add_argument("--features", default=None,
                    help="sentence-embedding model folder (default: all-MiniLM-L6-v2)")
     g.add_argument("--summary", default=None, metavar="PATH", help="write the metrics summary as JSON")
@@ -75,7 +74,7 @@ def _check(args) -> None:
         raise UserError(f"--alpha0 must be in [0, 1], got {args.alpha0}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not 0.0 < args.val_fraction < 1.0:
+    if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.mauve and args.num_samples < 2:
         raise UserError("--mauve needs at least 2 samples")
@@ -111,18 +110,6 @@ def generate_samples(model, method: dict, tokenizer, *, num_samples: int, batch_
             rows.append({"index": start + i, "text": text, "token_ids": ids, "nfe": int(out.nfe),
                          "seconds": float(out.seconds), "batch": b})
     return rows
-
-
-def reference_texts(source: str, tokenizer, length: int, n: int, val_fraction: float = _D.val_fraction,
-                    split_seed: int = _D.split_seed) -> list[str]:
-    """``n`` held-out sequences of ``length`` tokens (packed as in training), decoded: MAUVE's reference."""
-    from ..evaluation import token_dataset
-
-    ids, valid = token_dataset(eval_texts(source, "validation", val_fraction, split_seed), tokenizer, length)
-    rows = [r[v].tolist() for r, v in zip(ids, valid)][:n]
-    if len(rows) < 2:
-        raise UserError(f"held-out split of {source!r} has too few sequences of length {length} for MAUVE")
-    return tokenizer.decode_batch(rows)
 
 
 def quality_summary(rows: list[dict], *, entropy: bool = False, judge=None, featurizer=None,
@@ -164,9 +151,8 @@ def run(args) -> int:
 
     _check(args)
     device = args.device or default_device()
-    model, method = load_model(args.model, device=device)
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
-    check_tokenizer(model, tokenizer)
+    loaded = load_model(args.model, args.tokenizer, device=device)
+    model, method, tokenizer = loaded.model, loaded.method, loaded.tokenizer
     if args.alpha0 is not None and method["name"] != "esolm":
         raise UserError(f"--alpha0 applies to Eso-LM models only; {args.model} is {method['name']}")
     if args.max_length is not None and args.max_length > model.config.length:
@@ -195,8 +181,8 @@ def run(args) -> int:
     if args.entropy or judge is not None or featurizer is not None:
         reference = None
         if featurizer is not None:
-            reference = reference_texts(args.mauve_data, tokenizer, args.max_length or model.config.length,
-                                        len(rows), args.val_fraction, args.split_seed)
+            data = resolve_data(loaded, args.mauve_data, args.val_fraction, args.split_seed)
+            reference = reference_texts(data, tokenizer, args.max_length or model.config.length, len(rows))
         summary.update(quality_summary(rows, entropy=args.entropy, judge=judge,
                                        featurizer=featurizer, reference=reference))
         shown = {k: summary[k] for k in ("entropy", "gen_ppl", "mauve") if k in summary}
