@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from ..cli import UserError
 from ..evaluation import (
@@ -79,6 +80,12 @@ def _check(args) -> tuple[list[int], list[str]]:
     return ks, names
 
 
+def _short(label: str) -> str:
+    """A file source's name without its folder, for the table (the JSON keeps the full label)."""
+    path, _, split = label.rpartition(":")
+    return f"{Path(path).name}:{split}" if path and Path(path).exists() else label
+
+
 def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -118,11 +125,11 @@ def run(args) -> int:
     table = Table(title=f"esolm eval {args.model} ({method['name']}"
                         + (f", alpha0={method['alpha0']:g}" if "alpha0" in method else "") + ")")
     table.caption = "NELBO in nats/token; perplexities are upper bounds (exact for AR)"
-    table.add_column("dataset", no_wrap=True)
+    table.add_column("dataset", overflow="fold")
     for col in ("tokens", "NELBO", "PPL", *(f"IW K={k}" for k in ks)):
         table.add_column(col, justify="right", no_wrap=True)
     for r in results:
-        table.add_row(r.dataset, str(r.tokens), f"{r.nelbo:.4f}", f"{r.perplexity:.2f}",
+        table.add_row(_short(r.dataset), str(r.tokens), f"{r.nelbo:.4f}", f"{r.perplexity:.2f}",
                       *(f"{r.iw[k]['perplexity']:.2f}" for k in ks))
     Console().print(table)
 
