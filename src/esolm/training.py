@@ -121,6 +121,11 @@ class EMA(WeightAveraging):
     def should_update(self, step_idx=None, epoch_idx=None) -> bool:
         return step_idx is not None
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Keep the raw weights in the module at the end of ``fit``: the final ``last.ckpt`` (written after
+        this hook) must hold them as ``current_model_state`` to stay resumable. Validation and checkpoints
+        still swap in the EMA weights."""
+
 
 # -- the LightningModule -------------------------------------------------------------------------------------
 
@@ -356,6 +361,11 @@ def prepare(cfg: RunConfig) -> Prepared:
     cfg.validate()
     if cfg.trainer.strategy == "fsdp" and cfg.optim.ema > 0:
         raise ConfigError("EMA (optim.ema > 0) is not supported with strategy=fsdp; set optim.ema=0")
+    import importlib.util
+
+    needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(cfg.trainer.logger, ())
+    if needs and not any(importlib.util.find_spec(m) for m in needs):
+        raise ConfigError(f"trainer.logger={cfg.trainer.logger} needs 'pip install {needs[0]}'")
     ckpt_path = resolve_resume(cfg)
     if ckpt_path is not None:
         check_resumable(ckpt_path, cfg)
@@ -409,7 +419,9 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = ()) -> pl.Trainer:
 
 
 def train(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepared | None = None) -> LitEsoLM:
-    """Train (or resume) a run; returns the module (its weights are the EMA weights at the end)."""
+    """Train (or resume) a run, then validate once more (EMA weights) and write ``OUT/final_metrics.json``.
+
+    Returns the module (raw weights; the EMA weights are in the checkpoints)."""
     p = prepared or prepare(cfg)
     pl.seed_everything(cfg.trainer.seed, verbose=False)  # initial weights
     module = LitEsoLM(cfg.to_dict(), p.tokenizer.vocab_size, p.tokenizer.mask_id if cfg.method.name != "ar"
@@ -423,7 +435,21 @@ def train(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepared | Non
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
-        trainer.fit(module, datamodule=EsoLMData(cfg, p.splits), ckpt_path=p.ckpt_path, weights_only=True)
+        data = EsoLMData(cfg, p.splits)
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=data, ckpt_path=p.ckpt_path, weights_only=True)
+        elapsed = time.perf_counter() - t0
+        final = {"step": trainer.global_step, "tokens_seen": module.consumed * cfg.micro_batch * cfg.world_size
+                 * cfg.data.length, "fit_seconds": round(elapsed, 1)}
+        if cfg.trainer.val_every > 0:
+            metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+            final.update({k.replace("/", "_"): float(v) for k, v in metrics.items()})
+    if trainer.is_global_zero:
+        path = Path(cfg.trainer.out_dir) / "final_metrics.json"
+        path.write_text(json.dumps(final, indent=2) + "\n")
+        if "val_nelbo" in final:
+            print(f"final validation (EMA weights) at step {final['step']}: NELBO {final['val_nelbo']:.4f} "
+                  f"nats/token, perplexity <= {final['val_ppl']:.2f}")
     return module
 
 
