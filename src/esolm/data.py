@@ -176,7 +176,11 @@ def load_hf_texts(name: str, split: str) -> list[str]:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ConfigError(f"data source '{name}' needs the 'datasets' package (pip install datasets)") from e
     path, config, column, splits = HF_CORPORA[name]
-    ds = datasets.load_dataset(path, config, split=splits[split])
+    try:
+        ds = datasets.load_dataset(path, config, split=splits[split])
+    except Exception as e:  # noqa: BLE001 - network, hub or cache failures: report in one line
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"could not load data source '{name}' ({path}) from the Hugging Face hub: {msg}") from None
     detok = DETOKENIZERS.get(name, lambda s: s)
     texts = [detok(t) for t in ds[column]]
     if name.startswith("wikitext"):
