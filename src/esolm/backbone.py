@@ -190,9 +190,11 @@ class DiT(nn.Module):
     * ``mask``: boolean attention mask from :mod:`esolm.masks` (``None`` = full attention);
     * ``sigma`` [B]: noise-level conditioning (default 0, as Eso-LM and MDLM use);
     * ``cache``/``commit``: with a :class:`KVCache`, the new tokens attend to the cached ones too, and
-      the keys/values of the first ``commit`` new tokens are kept.
+      the keys/values of the first ``commit`` new tokens are kept;
+    * ``logits_slice``: compute the output layer only for ``x[:, logits_slice]`` (e.g. the z-half of a
+      2L pass, or the masks of a sampling step) — the vocabulary projection is skipped elsewhere.
 
-    Returns float32 logits [B, S, vocab] (raw: no mask-logit handling).
+    Returns float32 logits [B, S, vocab] (raw: no mask-logit handling), or [B, len(slice), vocab].
     """
 
     def __init__(self, config: ModelConfig):
@@ -244,7 +246,7 @@ class DiT(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
                 sigma: Tensor | None = None, cache: KVCache | None = None, commit: int = 0,
-                cond: FrozenConditioning | None = None) -> Tensor:
+                cond: FrozenConditioning | None = None, logits_slice: slice | None = None) -> Tensor:
         b, s = input_ids.shape
         if positions is None:
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
@@ -257,6 +259,8 @@ class DiT(nn.Module):
             x = block(x, rope, c if cond is None else cond.blocks[i], mask, cache, i)
         if cache is not None:
             cache.commit(commit)
+        if logits_slice is not None:
+            x = x[:, logits_slice]
         return self.output_layer(x, c if cond is None else cond.final).float()
 
     def num_parameters(self) -> int:

@@ -135,7 +135,7 @@ def anyorder_loglik(model, x0: Tensor, order: Tensor, valid: Tensor | None = Non
     if valid is not None:
         vs = valid.bool().gather(1, order)
         attn = hide_padding(attn, torch.cat([vs, vs], 1))
-    logits = model(inp, positions=torch.cat([order, order], 1), mask=attn)[:, :n]
+    logits = model(inp, positions=torch.cat([order, order], 1), mask=attn, logits_slice=slice(0, n))
     ll = -token_nll(logits, x_s, mask_id).double()
     if vs is not None:
         ll = ll * vs

@@ -317,7 +317,7 @@ def sequential_term(model, x0: Tensor, valid: Tensor | None, generator, alpha0: 
         mask = hide_padding(mask, torch.cat([vs, vs], 1))
     x_s = x0.gather(1, sort_idx)
     inp = torch.cat([z0.gather(1, sort_idx), x_s], 1)
-    logits = model(inp, positions=torch.cat([sort_idx, sort_idx], 1), mask=mask)[:, :n]
+    logits = model(inp, positions=torch.cat([sort_idx, sort_idx], 1), mask=mask, logits_slice=slice(0, n))
     nll = token_nll(logits, x_s, mask_id) * is_mask.gather(1, sort_idx)
     return nll.sum(), _count(x0, valid)
 
@@ -392,7 +392,8 @@ class BD3LMObjective(Objective):
         mask = masks.block_diffusion(n, bs, x0.device)
         if valid is not None:
             mask = hide_padding(mask, torch.cat([valid, valid], 1))
-        logits = model(torch.cat([xt, x0], 1), positions=torch.cat([pos, pos], 1), mask=mask)[:, :n]
+        logits = model(torch.cat([xt, x0], 1), positions=torch.cat([pos, pos], 1), mask=mask,
+                       logits_slice=slice(0, n))
         nll = token_nll(logits, x0, mask_id) * is_mask * coef
         return LossOutput({"mdm": (nll.sum(), _count(x0, valid))})
 
