@@ -14,7 +14,7 @@ and the samples of every point under ``samples/``. Lower-left is better on the f
 the second: the paper's Figure of Eso-LM's frontier against MDLM and BD3-LM.
 
 Timings include only sampling (device-synchronised wall time reported by ``generate``); each model is
-warmed up with one short untimed call first.
+warmed up with one short untimed call first, and ``--repeats R`` keeps the fastest of R identical draws.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
                  sampler: str = "auto", tokenizer_name: str | None = None, judge=None, featurizer=None,
                  mauve_data: str | None = None, val_fraction: float | None = None,
                  split_seed: int | None = None, device=None, samples_dir: Path | None = None,
-                 warmup: bool = True, log=print) -> list[FrontierPoint]:
+                 warmup: bool = True, repeats: int = 1, log=print) -> list[FrontierPoint]:
     """Sample every (model, sampling alpha0, steps) point and score it; see the module docstring."""
     from . import metrics
     from .commands.sample import _write_jsonl, generate_samples
@@ -119,7 +119,7 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
             for t in step_list:
                 rows = generate_samples(model, method, tok, num_samples=num_samples, batch_size=batch_size,
                                         steps=t, alpha0=a0 if name == "esolm" else None, top_p=top_p,
-                                        seed=seed, sampler=sampler)
+                                        seed=seed, sampler=sampler, repeats=repeats)
                 per_batch = {r["batch"]: r for r in rows}.values()
                 nfe = sum(r["nfe"] for r in per_batch)
                 secs = sum(r["seconds"] for r in per_batch)
@@ -255,6 +255,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-seed", type=int, default=None, help="default: the training recipe's")
     p.add_argument("--features", default=None, help="sentence-embedding folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--no-warmup", action="store_true", help="time the first call of each model too")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="draw each batch this many times (same samples) and report the fastest time")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="frontier", help="output folder")
 
@@ -264,7 +266,7 @@ def run(args) -> int:
 
     steps = parse_int_list(args.steps, "--steps")
     alpha0s = parse_float_list(args.alpha0, "--alpha0") if args.alpha0 else None
-    for name in ("num_samples", "batch_size", "judge_context", "judge_batch_size"):
+    for name in ("num_samples", "batch_size", "judge_context", "judge_batch_size", "repeats"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
@@ -289,10 +291,11 @@ def run(args) -> int:
                           seed=args.seed, sampler=args.sampler, tokenizer_name=args.tokenizer, judge=judge,
                           featurizer=featurizer, mauve_data=args.mauve_data, val_fraction=args.val_fraction,
                           split_seed=args.split_seed, device=device, samples_dir=out / "samples",
-                          warmup=not args.no_warmup)
+                          warmup=not args.no_warmup, repeats=args.repeats)
     meta = {"models": {lbl: str(p) for lbl, p in models}, "steps": steps, "alpha0": alpha0s,
             "num_samples": args.num_samples, "batch_size": args.batch_size, "top_p": args.top_p,
-            "seed": args.seed, "device": str(device), "judge": judge.name if judge is not None else None}
+            "seed": args.seed, "repeats": args.repeats, "device": str(device),
+            "judge": judge.name if judge is not None else None}
     files = write_outputs(points, out, meta)
     print(to_markdown(points), end="")
     print("wrote " + ", ".join(str(f) for f in files.values()))
