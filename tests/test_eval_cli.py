@@ -243,7 +243,7 @@ def test_frontier_sweep_outputs(workspace, tmp_path):
     args = parser.parse_args([f"E={m['eso']}", f"A={m['ar']}", f"M={m['mdlm']}", "--steps", "2,4",
                               "--alpha0", "0.25,0.5", "--num-samples", "4", "--judge", str(judge_dir),
                               "--judge-context", "8", "--features", str(feat_dir), "--mauve-data", str(ws["data"]),
-                              "--val-fraction", "0.5", "--out", str(out), "--no-warmup", "--repeats", "2"])
+                              "--val-fraction", "0.5", "--out", str(out), "--no-warmup"])
     assert frontier.run(args) == 0
     rows = list(csv.DictReader((out / "frontier.csv").open()))
     keys = [(r["label"], r["alpha0"], r["steps"]) for r in rows]
