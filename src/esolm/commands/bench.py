@@ -55,7 +55,7 @@ def _method_list(text: str) -> list[str]:
     out = [t.strip() for t in text.split(",") if t.strip()]
     bad = [m for m in out if m not in METHODS]
     if bad or not out:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or text!r}; choose from "
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or repr(text)}; choose from "
                                          f"{', '.join(METHODS)}")
     return out
 
@@ -217,11 +217,15 @@ def _progress(rec: dict) -> None:
 def run(args) -> int:
     if args.bench != "latency":
         raise ValueError(f"unknown benchmark {args.bench!r}")
+    threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    records = run_latency(args.methods, args.lengths, args.batch_size, args.hidden, args.layers, args.heads,
-                          args.vocab, args.block_size, args.repeats, args.device, args.seed,
-                          args.max_repeat_seconds, progress=_progress)
+    try:
+        records = run_latency(args.methods, args.lengths, args.batch_size, args.hidden, args.layers,
+                              args.heads, args.vocab, args.block_size, args.repeats, args.device, args.seed,
+                              args.max_repeat_seconds, progress=_progress)
+    finally:
+        torch.set_num_threads(threads)
     print_table(records)
     if args.json is not None:
         write_json(args.json, records)
