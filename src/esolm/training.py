@@ -84,9 +84,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to ``.NAME.tmp<pid>`` in the same folder, fsync, ``os.replace``; load with weights_only=True.
 
-    (Lightning's own writer goes through an fsspec transaction, which on a local disk also moves a
-    temporary file into place but does not fsync; this one is explicit and safe against SIGKILL and
-    power loss: the old file stays intact until the new one is complete.)
+    (Lightning's own writer goes through an fsspec transaction: for a local path fsspec writes a temporary
+    file in the *system* temp directory and ``shutil.move``s it into place — a non-atomic copy when that
+    directory is on another filesystem — and never fsyncs. This one stays in the target folder, so the
+    rename is atomic, and fsyncs file and folder: the old file is intact until the new one is complete.)
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
