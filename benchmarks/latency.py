@@ -5,7 +5,7 @@ Writes ``benchmarks/results/latency.json`` (the records of ``esolm bench latency
 Main table: every method on one random network (2 layers x 128 hidden, 4 heads, vocabulary 1024),
 L = 1024 and 2048, batch 1, NFE ~ L, one CPU thread. The network is small so that MDLM (L full passes
 over L tokens) finishes in minutes. A second table repeats the cached methods on a wider network
-(6 layers x 384 hidden, vocabulary 4096) at L = 1024, where per-call overheads weigh less.
+(6 layers x 384 hidden, vocabulary 4096), where per-call overheads weigh less.
 
     .venv/bin/python benchmarks/latency.py [--device cpu] [--threads 1] [--quick]
 """
@@ -64,7 +64,7 @@ def main() -> int:
     t0 = time.time()
     main_records = run_latency(["esolm-b", "mdlm", "bd3lm", "ar"], lengths, batch_size=1, repeats=3,
                                device=args.device, max_repeat_seconds=20.0, progress=progress, **MAIN)
-    wide_records = run_latency(["esolm-b", "bd3lm", "ar"], lengths[:1], batch_size=1, repeats=3,
+    wide_records = run_latency(["esolm-b", "bd3lm", "ar"], lengths, batch_size=1, repeats=3,
                                device=args.device, max_repeat_seconds=20.0, progress=progress, **WIDE)
     elapsed = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
