@@ -210,3 +210,19 @@ def test_frozen_conditioning_gives_identical_logits():
     with pytest.raises(ValueError):
         model(x, pos, cond=model.frozen_conditioning(2))
     assert tiny_model(adaln=False).frozen_conditioning(3) is None
+
+
+def test_esolm_b_without_cache_gives_the_same_steps():
+    model = tiny_model(seed=7)
+    x = start_tokens(3, prompt=[2, 2, 2])
+    plan = plan_binomial(x == M, 3, 0.5, torch.Generator().manual_seed(0))
+    runs = []
+    for use_cache in (True, False):
+        rec = Recorder()
+        out = sample_esolm_b(model, x, plan, generator=torch.Generator().manual_seed(9), step_callback=rec,
+                             use_cache=use_cache)
+        runs.append((out, rec))
+    (a, ra), (b, rb) = runs
+    assert a.nfe == b.nfe == plan.nfe and torch.equal(a.tokens, b.tokens)
+    for sa, sb in zip(ra.steps, rb.steps):
+        torch.testing.assert_close(sa[3], sb[3], atol=TOL, rtol=0)

@@ -54,11 +54,13 @@ def _finish(tokens_sorted: Tensor, order: Tensor, nfe: int, sw: Stopwatch, trace
 @torch.inference_mode()
 def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
                    generator: torch.Generator | None = None, greedy: bool = False, trace: bool = False,
-                   step_callback: StepCallback | None = None) -> SampleResult:
+                   step_callback: StepCallback | None = None, use_cache: bool = True) -> SampleResult:
     """Eso-LM (B) with the KV cache.
 
     ``x`` [B, L]: given tokens at their positions, the mask id everywhere else (in original order).
-    Returns the completed tokens in original order; ``nfe == plan.nfe``.
+    Returns the completed tokens in original order; ``nfe == plan.nfe``. ``use_cache=False`` runs the
+    same plan without the cache (each step a causal pass over every sorted token up to the step's last
+    mask): the same logits, for comparisons.
     """
     mask_id = model.config.mask_id
     tokens, order = _prepare(model, x, plan)
@@ -71,10 +73,12 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
     with Stopwatch(model.device) as sw:
         cond = model.frozen_conditioning(tokens.shape[0])  # sigma = 0 at every step
         for k, (lo, hi) in enumerate(plan.bounds()):
-            mask = None if hi - start == 1 else causal[:, :, start:hi, :hi]
-            logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache, commit=lo - start,
-                           cond=cond)
-            logits = logits[:, lo - start:]
+            if use_cache:
+                mask = None if hi - start == 1 else causal[:, :, start:hi, :hi]
+                logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache,
+                               commit=lo - start, cond=cond)[:, lo - start:]
+            else:
+                logits = model(tokens[:, :hi], order[:, :hi], mask=causal[:, :, :hi, :hi], cond=cond)[:, lo:]
             if step_callback is not None:
                 step_callback(k, lo, hi, logits, tokens)
             tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy)
