@@ -1,5 +1,7 @@
 """``esolm bench latency``: wall time of sampling, every method on one random-initialised network size.
 
+(``esolm bench frontier``, the speed-quality sweep of trained models, lives in :mod:`esolm.frontier`.)
+
 Each method decodes about one token per network call (NFE ~ L), as in the paper's latency table:
 
 * ``esolm-b``: Eso-LM (B), alpha0 = 1, one token per step, KV cache (NFE = L);
@@ -81,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
+    from .. import frontier  # the speed-quality frontier of trained models (its own module)
+
+    f = sub.add_parser("frontier", help="sample quality against sampling time for trained models",
+                       description=frontier.__doc__.splitlines()[0])
+    frontier.add_arguments(f)
 
 
 def build_model(name: str, length: int, hidden: int, layers: int, heads: int, vocab: int, device) -> DiT:
@@ -215,6 +222,10 @@ def _progress(rec: dict) -> None:
 
 
 def run(args) -> int:
+    if args.bench == "frontier":
+        from .. import frontier
+
+        return frontier.run(args)
     if args.bench != "latency":
         raise ValueError(f"unknown benchmark {args.bench!r}")
     threads = torch.get_num_threads()
