@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("esolm.commands.eval", "NELBO / importance-weighted perplexity of a model"),
     "sample": ("esolm.commands.sample", "generate samples (KV-cached Eso-LM sampler and baselines)"),
     "bench": ("esolm.commands.bench", "latency and speed-quality benchmarks"),
+    "demo": ("esolm.commands.demo", "train, evaluate and sample a small Eso-LM (B) on the embedded corpus"),
 }
 
 
