@@ -112,7 +112,7 @@ def lightning_runs(steps: int) -> list[tuple]:
                        "trainer.log_every=1", "trainer.progress=false", f"trainer.precision={prec}",
                        "optim.ema=0.999", "trainer.resume=null"]
                 subprocess.run(cmd, check=True, capture_output=True)
-                recs = list(csv.DictReader(open(Path(d) / "logs" / "metrics.csv")))
+                recs = list(csv.DictReader(open(next(Path(d).glob("logs/*/metrics.csv")))))
                 tps = [float(r["tok_s"]) for r in recs if r.get("tok_s")]
                 row.append(statistics.median(tps[1:]) if len(tps) > 1 else float("nan"))
         out.append(tuple(row))

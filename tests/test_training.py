@@ -264,6 +264,23 @@ def test_atomic_checkpoint_io_keeps_old_file_on_failure(tmp_path, monkeypatch):
         io.load_checkpoint(path)
 
 
+def test_last_checkpoint_at_the_final_step_keeps_raw_weights(workdir):
+    """Training that ends between periodic saves still leaves a resumable last.ckpt at its final step."""
+    tmp = workdir
+    train(resolve("cpu-tiny", common(tmp, "end", "trainer.max_steps=3", "trainer.ckpt_every=2",
+                                     "trainer.val_every=0")))
+    names = sorted(p.name for p in (tmp / "end" / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step00000002.ckpt"]
+    last = read_checkpoint(tmp / "end" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 3 and last["esolm"]["consumed"] == 3
+    final = trace(tmp, "end")[-1]["params"]  # raw weights after step 3, as the module had them
+    h = hashlib.sha1()
+    for k, v in last["current_model_state"].items():
+        if k.startswith("model.") and "inv_freq" not in k:
+            h.update(v.float().numpy().tobytes())
+    assert h.hexdigest() == final
+
+
 def test_lr_schedule():
     assert [lr_factor(s, 4, "constant", 100, 0.0) for s in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
     assert lr_factor(4, 4, "cosine", 104, 0.1) == 1.0

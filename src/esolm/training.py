@@ -128,6 +128,15 @@ class EMA(WeightAveraging):
         still swap in the EMA weights."""
 
 
+class Checkpoints(ModelCheckpoint):
+    """Periodic ``stepNNNNNNNN.ckpt`` plus ``last.ckpt``, and ``last.ckpt`` again when training ends at a
+    step that was not saved yet (``max_time``, ``max_steps`` between two periodic saves)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 # -- the LightningModule -------------------------------------------------------------------------------------
 
 def lr_factor(step: int, warmup: int, schedule: str, max_steps: int, min_ratio: float) -> float:
@@ -384,9 +393,9 @@ def build_loggers(cfg: RunConfig) -> list:
     out, kind = cfg.trainer.out_dir, cfg.trainer.logger
     if kind == "none":
         return []
-    loggers = [CSVLogger(out, name="logs", version="")]
+    loggers = [CSVLogger(out, name="logs")]  # logs/version_N: a resumed run gets its own file
     if kind == "tensorboard":
-        loggers.append(TensorBoardLogger(out, name="tb", version=""))
+        loggers.append(TensorBoardLogger(out, name="tb"))
     elif kind == "wandb":
         loggers.append(WandbLogger(project="esolm", name=cfg.preset, save_dir=out))
     return loggers
@@ -396,10 +405,10 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = ()) -> pl.Trainer:
     t, o = cfg.trainer, cfg.optim
     ckpt_dir = Path(t.out_dir) / "checkpoints"
     keep = t.keep_checkpoints
-    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                           every_n_train_steps=t.ckpt_every or None, save_last=True,
-                           save_top_k=-1 if keep == -1 else keep, monitor=None if keep == -1 else "step",
-                           mode="max", save_on_train_epoch_end=False)]
+    cbs = [Checkpoints(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+                       every_n_train_steps=t.ckpt_every or None, save_last=True,
+                       save_top_k=-1 if keep == -1 else keep, monitor=None if keep == -1 else "step",
+                       mode="max", save_on_train_epoch_end=False, enable_version_counter=False)]
     if o.ema > 0:
         cbs.append(EMA(o.ema))
     if t.progress:
