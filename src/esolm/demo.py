@@ -34,20 +34,21 @@ def _val_texts(cfg) -> list[str]:
 
 
 def _training_curve(run_dir: Path) -> tuple[list[int], list[float], list[int], list[float]]:
-    """(steps, train loss, val steps, val NELBO) from the CSV log."""
-    path = run_dir / "logs" / "metrics.csv"
+    """(steps, train loss, val steps, val NELBO) from the CSV logs (one ``version_N`` per launch)."""
     steps, losses, vsteps, vals = [], [], [], []
-    if not path.is_file():
-        return steps, losses, vsteps, vals
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            step = row.get("step")
-            if row.get("train/loss"):
-                steps.append(int(step))
-                losses.append(float(row["train/loss"]))
-            if row.get("val/nelbo"):
-                vsteps.append(int(step))
-                vals.append(float(row["val/nelbo"]))
+    paths = sorted((run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    rows = []
+    for path in paths:
+        with path.open() as f:
+            rows.extend(csv.DictReader(f))
+    for row in rows:
+        step = row.get("step")
+        if row.get("train/loss"):
+            steps.append(int(step))
+            losses.append(float(row["train/loss"]))
+        if row.get("val/nelbo"):
+            vsteps.append(int(step))
+            vals.append(float(row["val/nelbo"]))
     return steps, losses, vsteps, vals
 
 
