@@ -20,11 +20,7 @@ def tiny_model(method: dict = ESO_B, length: int = 8, seed: int = 0) -> DiT:
     cfg = model_config_for(method, vocab_size=V, mask_id=MASK, hidden_size=32, cond_dim=16, n_layers=2,
                            n_heads=2, length=length)
     model = DiT(cfg)
-    with torch.no_grad():
-        for m in [b.adaLN_modulation for b in model.blocks] + [model.output_layer.adaLN_modulation,
-                                                               model.output_layer.linear]:
-            m.weight.normal_(0, 0.3)
-            m.bias.normal_(0, 0.3)
+    model.randomize_zero_init(0.3)
     return model.eval()
 
 

@@ -25,12 +25,7 @@ def tiny_model(method: dict, length: int = 8, seed: int = 0, dropout: float = 0.
     cfg = model_config_for(method, vocab_size=V, mask_id=None if method["name"] == "ar" else MASK,
                            hidden_size=32, cond_dim=16, n_layers=2, n_heads=2, length=length, dropout=dropout)
     model = DiT(cfg)
-    with torch.no_grad():
-        for m in [b.adaLN_modulation for b in model.blocks] + [model.output_layer.adaLN_modulation,
-                                                               model.output_layer.linear]:
-            if m is not None:
-                m.weight.normal_(0, 0.3)
-                m.bias.normal_(0, 0.3)
+    model.randomize_zero_init(0.3)
     return model.eval()
 
 

@@ -30,12 +30,7 @@ def tiny_model(adaln: bool = True, seed: int = 0, length: int = L) -> DiT:
     cfg = ModelConfig(vocab_size=V, mask_id=M if adaln else None, hidden_size=32, cond_dim=16, n_layers=2,
                       n_heads=2, length=length, adaln=adaln)
     model = DiT(cfg)
-    with torch.no_grad():
-        for m in [b.adaLN_modulation for b in model.blocks] + [model.output_layer.adaLN_modulation,
-                                                                model.output_layer.linear]:
-            if m is not None:
-                m.weight.normal_(0.0, 0.2)
-                m.bias.normal_(0.0, 0.2)
+    model.randomize_zero_init(0.2)
     return model.eval()
 
 

@@ -23,11 +23,7 @@ def tiny_model(seed: int) -> DiT:
     torch.manual_seed(seed)
     model = DiT(ModelConfig(vocab_size=V, mask_id=M, hidden_size=8, cond_dim=8, n_layers=2, n_heads=2,
                             length=L))
-    with torch.no_grad():
-        for m in [b.adaLN_modulation for b in model.blocks] + [model.output_layer.adaLN_modulation,
-                                                                model.output_layer.linear]:
-            m.weight.normal_(0.0, 0.7)
-            m.bias.normal_(0.0, 0.3)
+    model.randomize_zero_init(0.7)
     return model.eval()
 
 

@@ -23,12 +23,7 @@ def tiny_model(adaln: bool = True) -> DiT:
     torch.manual_seed(0)
     model = DiT(ModelConfig(vocab_size=V, mask_id=M if adaln else None, hidden_size=32, cond_dim=16,
                             n_layers=2, n_heads=2, length=L, adaln=adaln))
-    with torch.no_grad():
-        for m in [b.adaLN_modulation for b in model.blocks] + [model.output_layer.adaLN_modulation,
-                                                                model.output_layer.linear]:
-            if m is not None:
-                m.weight.normal_(0.0, 0.2)
-                m.bias.normal_(0.0, 0.2)
+    model.randomize_zero_init(0.2)
     return model.eval()
 
 

@@ -207,15 +207,26 @@ class DiT(nn.Module):
         self.output_layer = FinalLayer(config)
         self.reset_zero_init()
 
+    def _zero_init_layers(self) -> list[nn.Linear]:
+        mods = [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation,
+                                                             self.output_layer.linear]
+        return [m for m in mods if m is not None]
+
     def reset_zero_init(self) -> None:
         """Zero the adaLN modulations and the output layer (the paper's initialisation)."""
         with torch.no_grad():
-            mods = [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation,
-                                                                 self.output_layer.linear]
-            for m in mods:
-                if m is not None:
-                    m.weight.zero_()
-                    m.bias.zero_()
+            for m in self._zero_init_layers():
+                m.weight.zero_()
+                m.bias.zero_()
+
+    def randomize_zero_init(self, std: float) -> DiT:
+        """Draw the zero-initialised layers from N(0, std^2) (global RNG), so that a fresh network's logits
+        depend on its input: what tests and benchmarks of untrained networks need."""
+        with torch.no_grad():
+            for m in self._zero_init_layers():
+                m.weight.normal_(0.0, std)
+                m.bias.normal_(0.0, std)
+        return self
 
     @property
     def device(self) -> torch.device:

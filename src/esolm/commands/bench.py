@@ -97,12 +97,7 @@ def build_model(name: str, length: int, hidden: int, layers: int, heads: int, vo
                       cond_dim=min(128, hidden), n_layers=layers, n_heads=heads, length=length, dropout=0.0,
                       adaln=adaln)
     model = DiT(cfg)
-    with torch.no_grad():
-        for m in [b.adaLN_modulation for b in model.blocks] + [model.output_layer.adaLN_modulation,
-                                                                model.output_layer.linear]:
-            if m is not None:
-                m.weight.normal_(0.0, 0.02)
-                m.bias.zero_()
+    model.randomize_zero_init(0.02)
     return model.to(device).eval()
 
 
