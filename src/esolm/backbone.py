@@ -7,7 +7,8 @@ not the network. Parameter names follow the authors' layout, so their checkpoint
 * token embedding ``vocab_embed.embedding`` (not tied to the output layer);
 * rotary embeddings on q and k with an **explicit position per token**: a permuted sequence keeps the
   original positions of its tokens;
-* pre-LN blocks (LayerNorm without bias, computed in float32), adaLN shift/scale/gate from a time
+* pre-LN blocks (LayerNorm without bias, computed in float32; dropout on the residual branches only,
+  not on attention weights), adaLN shift/scale/gate from a time
   embedding (``sigma_map``), tanh-GELU MLP; adaLN modulations and the output layer start at zero;
 * final LayerNorm + adaLN + linear to the vocabulary.
 """
@@ -119,8 +120,8 @@ class Block(nn.Module):
         q, k, v = apply_rotary(qkv[0], cos, sin), apply_rotary(qkv[1], cos, sin), qkv[2]
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        p = self.dropout if self.training else 0.0
-        out = attend(q, k, v, mask, p)
+        # no dropout on the attention weights: as in the authors' DiT, dropout acts on the residual branches
+        out = attend(q, k, v, mask)
         return self.attn_out(out.transpose(1, 2).reshape(b, s, d))
 
     def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
