@@ -43,6 +43,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from .backbone import DiT
 from .config import ConfigError
 from .data import DataSplits, ResumableBatchSampler, build_datasets, default_cache_dir
+from .io import CheckpointError  # one error type for every checkpoint esolm reads
 from .objectives import LossOutput, build_objective
 from .recipes import RunConfig
 from .tokenizers import Tokenizer, get_tokenizer
@@ -52,10 +53,6 @@ TERM_NAMES = ("ar", "mdm")
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the step was not applied."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read (missing, truncated, corrupted, or from another model)."""
 
 
 def step_seed(*parts: int) -> int:
