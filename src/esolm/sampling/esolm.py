@@ -76,7 +76,7 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
             if use_cache:
                 mask = None if hi - start == 1 else causal[:, :, start:hi, :hi]
                 logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache,
-                               commit=lo - start, cond=cond)[:, lo - start:]
+                               commit=lo - start, cond=cond, logits_slice=slice(lo - start, None))
             else:
                 logits = model(tokens[:, :hi], order[:, :hi], mask=causal[:, :, :hi, :hi], cond=cond)[:, lo:]
             if step_callback is not None:
@@ -118,7 +118,7 @@ def sample_esolm_a(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
                 n_new = hi - start
                 mask = None if n_new == 1 else masks.cached_step(start, n_new, device)
                 logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache,
-                               commit=lo - start, cond=cond)[:, lo - start:]
+                               commit=lo - start, cond=cond, logits_slice=slice(lo - start, None))
                 start = lo
             if step_callback is not None:
                 step_callback(k, lo, hi, logits, tokens)
