@@ -20,7 +20,7 @@ NEG = -1e6
 
 
 def test_reference_fixtures_are_present():
-    assert FILES, f"no authors_esolm_*.pt fixture in {reference_dir()} (set ESOLM_REFERENCE_DIR)"
+    assert FILES, f"no authors_esolm_*.pt fixture in {reference_dir()}"
 
 
 @cache

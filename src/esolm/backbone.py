@@ -28,8 +28,13 @@ from .config import ModelConfig
 Tensor = torch.Tensor
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32, or in its own dtype when that is wider (float64 runs stay float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class LayerNorm(nn.Module):
-    """LayerNorm without bias, always computed in float32 (as the authors' DiT)."""
+    """LayerNorm without bias, computed in at least float32 (as the authors' DiT)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -38,7 +43,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = F.layer_norm(x.float(), [self.dim])
+            y = F.layer_norm(at_least_fp32(x), [self.dim])
         return y * self.weight
 
 
@@ -55,14 +60,17 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
+        dtype = at_least_fp32(t.float() if not t.is_floating_point() else t).dtype
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+        args = t[:, None].to(dtype) * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
         return emb
 
     def forward(self, t: Tensor) -> Tensor:
+        w = self.mlp[0].weight
+        t = t.to(w.dtype) if w.dtype == torch.float64 else t
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
 
 
@@ -75,8 +83,8 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions: [B, S] integer → cos, sin: [B, 1, S, head_dim] float32."""
-        freqs = positions.float()[..., None] * self.inv_freq
+        """positions: [B, S] integer → cos, sin: [B, 1, S, head_dim] in float32 (float64 if the buffer is)."""
+        freqs = positions.to(at_least_fp32(self.inv_freq).dtype)[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         return emb.cos(), emb.sin()
 
@@ -87,7 +95,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    xf = x.float()
+    xf = at_least_fp32(x)
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
@@ -195,7 +203,8 @@ class DiT(nn.Module):
     * ``logits_slice``: compute the output layer only for ``x[:, logits_slice]`` (e.g. the z-half of a
       2L pass, or the masks of a sampling step) — the vocabulary projection is skipped elsewhere.
 
-    Returns float32 logits [B, S, vocab] (raw: no mask-logit handling), or [B, len(slice), vocab].
+    Returns float32 logits (float64 for a float64 model) [B, S, vocab] (raw: no mask-logit handling), or
+    [B, len(slice), vocab].
     """
 
     def __init__(self, config: ModelConfig):
@@ -273,7 +282,7 @@ class DiT(nn.Module):
             cache.commit(commit)
         if logits_slice is not None:
             x = x[:, logits_slice]
-        return self.output_layer(x, c if cond is None else cond.final).float()
+        return at_least_fp32(self.output_layer(x, c if cond is None else cond.final))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
