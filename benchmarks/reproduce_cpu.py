@@ -195,8 +195,8 @@ def bd3_steps(steps: str, block: int, length: int = 128) -> str:
 def frontier(args, out: Path, names: list[str]) -> dict | None:
     """``esolm bench frontier`` once for the models whose ``steps`` is global (AR, MDLM, Eso-LM) and once for
     BD3-LM (``steps`` per block, mapped from the same totals); the points are merged into one set of outputs
-    with :func:`esolm.frontier.write_outputs`."""
-    from esolm.frontier import FrontierPoint, write_outputs
+    with :func:`esolm.evaluation.frontier.write_outputs`."""
+    from esolm.evaluation.frontier import FrontierPoint, write_outputs
 
     fdir = out / "frontier"
     res = read_json(fdir / "frontier.json")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from esolm.backbone import DiT
 from esolm.likelihood import anyorder_loglik, sample_orders
+from esolm.model.backbone import DiT
 from esolm.objectives import build_objective, model_config_for
 
 METHODS = {

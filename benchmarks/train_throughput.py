@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from esolm.backbone import DiT
+from esolm.model.backbone import DiT
 from esolm.objectives import build_objective
 from esolm.recipes import resolve
 from esolm.training import prepare

@@ -6,8 +6,8 @@ Deterministic given the corpus (HF ``tokenizers`` BPE training has no randomness
 committed so that installs never need to retrain.
 """
 
-from esolm.corpus import wiki_texts
-from esolm.tokenizers import BPE8K_FILE, train_bpe
+from esolm.data.corpus import wiki_texts
+from esolm.data.tokenizers import BPE8K_FILE, train_bpe
 
 
 def main() -> None:

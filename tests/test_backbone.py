@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from esolm import masks
-from esolm.backbone import DiT
 from esolm.config import ConfigError, ModelConfig
+from esolm.model import masks
+from esolm.model.backbone import DiT
 
 V, L = 37, 12
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from esolm.config import ConfigError
-from esolm.corpus import corpus_stats, wiki_documents
 from esolm.data import (
     ResumableBatchSampler,
     build_datasets,
@@ -17,7 +16,9 @@ from esolm.data import (
     split_documents,
     tokenize_sequences,
 )
-from esolm.tokenizers import bpe8k
+from esolm.data.corpus import corpus_stats, wiki_documents
+from esolm.data.tokenizers import bpe8k
+from esolm.errors import UserError
 
 BOS, EOS, PAD = 90, 91, 92
 
@@ -94,7 +95,7 @@ def test_local_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"title": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_local_texts(tmp_path / "bad.jsonl")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError):
         read_local_texts(tmp_path / "missing.txt")
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from esolm import cli, metrics
-from esolm.backbone import DiT
+from esolm import cli
+from esolm.data.tokenizers import Tokenizer, train_bpe
+from esolm.evaluation import metrics
 from esolm.io import save_pretrained
+from esolm.model.backbone import DiT
 from esolm.objectives import model_config_for
-from esolm.tokenizers import Tokenizer, train_bpe
 
 WORDS = ("the a river city old new king music war north south early modern language people land "
          "sea mountain empire science art long small great first").split()
@@ -230,7 +231,7 @@ def test_frontier_sweep_outputs(workspace, tmp_path):
     import argparse
     import csv
 
-    from esolm import frontier
+    from esolm.evaluation import frontier
 
     pytest.importorskip("matplotlib")
     pytest.importorskip("mauve")

@@ -8,8 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import reference_files
-from esolm import io, masks
-from esolm.backbone import DiT
+from esolm import io
 from esolm.config import ModelConfig
 from esolm.io import (
     CheckpointError,
@@ -18,6 +17,8 @@ from esolm.io import (
     load_pretrained,
     save_pretrained,
 )
+from esolm.model import masks
+from esolm.model.backbone import DiT
 
 FIXTURES = reference_files()
 B_FIXTURE = next((p for p in FIXTURES if torch.load(p, weights_only=True)["mode"].upper() == "B"), None)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from esolm.backbone import DiT
 from esolm.likelihood import anyorder_loglik, iw_bound, log_mean_exp, nelbo, sample_orders
+from esolm.model.backbone import DiT
 from esolm.objectives import LossOutput, build_objective, model_config_for
 
 V, MASK = 13, 12

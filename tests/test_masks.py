@@ -7,7 +7,7 @@ with the vectorised builders.
 import pytest
 import torch
 
-from esolm import masks
+from esolm.model import masks
 
 LENGTHS = [1, 2, 5, 8, 12]
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from esolm import metrics
+from esolm.errors import UserError
+from esolm.evaluation import metrics
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -151,7 +152,7 @@ def test_featurizer_mean_pools_real_tokens_only(tmp_path):
     with torch.no_grad():
         h = model(input_ids=ids).last_hidden_state[0].mean(0)
     np.testing.assert_allclose(batched[0], (h / h.norm()).numpy(), atol=1e-5)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError):
         metrics.Featurizer.load(tmp_path / "missing")
 
 

@@ -5,16 +5,16 @@ import math
 import pytest
 import torch
 
-from esolm import masks
-from esolm.backbone import DiT
 from esolm.config import ConfigError
+from esolm.model import masks
+from esolm.model.backbone import DiT
+from esolm.noise import EPS, LogLinearSchedule, antithetic_times
 from esolm.objectives import (
     LossOutput,
     build_objective,
     model_config_for,
     normalize_method,
 )
-from esolm.schedule import EPS, LogLinearSchedule, antithetic_times
 
 V, MASK = 13, 12  # 12 real tokens + the mask
 

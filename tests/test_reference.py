@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import reference_dir, reference_files
-from esolm import masks
 from esolm.io import load_pretrained
+from esolm.model import masks
 
 FILES = reference_files()
 TOL = 1e-5

@@ -9,7 +9,8 @@ in-block call = the 2L ``block_diffusion`` pass. AR: every cached call = an unca
 import pytest
 import torch
 
-from esolm import DiT, ModelConfig, masks
+from esolm import DiT, ModelConfig
+from esolm.model import masks
 from esolm.sampling import (
     plan_binomial,
     plan_from_counts,

@@ -12,7 +12,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from esolm import DiT, ModelConfig, masks
+from esolm import DiT, ModelConfig
+from esolm.model import masks
 from esolm.sampling import plan_from_counts, sample_esolm_b, sample_mdlm
 
 V, M, L, N = 4, 3, 3, 20000

@@ -2,7 +2,7 @@
 
 import pytest
 
-from esolm.tokenizers import BPE8K_FILE, Tokenizer, bert_base_uncased, bpe8k, get_tokenizer, gpt2, train_bpe
+from esolm.data.tokenizers import BPE8K_FILE, Tokenizer, bert_base_uncased, bpe8k, get_tokenizer, gpt2, train_bpe
 
 TEXTS = [
     "Hello world",

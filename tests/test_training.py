@@ -140,8 +140,8 @@ def test_corrupted_checkpoint_is_a_clear_error_and_previous_stays(killed_and_res
 
 
 def test_export_carries_ema_weights_and_tokenizer(reference_run, capsys):
+    from esolm.data.tokenizers import Tokenizer, bpe8k
     from esolm.io import load_pretrained
-    from esolm.tokenizers import Tokenizer, bpe8k
 
     tmp = reference_run
     ckpt = tmp / "ref" / "checkpoints" / "last.ckpt"

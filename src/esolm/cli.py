@@ -1,8 +1,9 @@
 """The ``esolm`` command line.
 
 Each subcommand lives in ``esolm.commands.<name>`` and provides ``add_arguments(parser)`` and
-``run(args) -> int``. Errors the user can fix (bad config, bad input, missing file) are reported as one
-line on stderr with exit code 2, before any work starts — never as a traceback.
+``run(args) -> int``. Errors the user can fix (bad config, bad input, missing file:
+:class:`esolm.errors.EsoLMError`) are reported as one line on stderr with exit code 2, before any work
+starts. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError
+from esolm.errors import EsoLMError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,11 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, exit code 2."""
 
 
-USER_ERRORS = (UserError, ConfigError, FileNotFoundError, ValueError, KeyError)
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"esolm {args.command}: error: {msg}", file=sys.stderr)
+    except EsoLMError as e:  # only esolm's own errors are one line; anything else is a bug: traceback
+        print(f"esolm {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("esolm: interrupted", file=sys.stderr)

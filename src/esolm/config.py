@@ -6,11 +6,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from esolm.errors import ConfigError  # noqa: F401 - also importable as esolm.config.ConfigError
+
 ATTENTION_MODES = ("causal", "bidirectional", "prefix")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model or run (one-line message)."""
 
 
 @dataclass

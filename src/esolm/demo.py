@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import evaluate, token_dataset
-from .recipes import resolve
-from .sampling.esolm import sample_esolm_b
-from .sampling.schedule import plan_one_per_step
-from .training import model_from_checkpoint, train
+from esolm.evaluation import evaluate, token_dataset
+from esolm.recipes import resolve
+from esolm.sampling.esolm import sample_esolm_b
+from esolm.sampling.schedule import plan_one_per_step
+from esolm.training import model_from_checkpoint, train
 
 
 def _val_texts(cfg) -> list[str]:
-    from .data import source_texts
+    from esolm.data import source_texts
 
     return source_texts(cfg.data.source, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.max_documents)[1]
 
@@ -141,7 +141,7 @@ def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes:
         log(f"      IW bound K={k:<3d} perplexity <= {v['perplexity']:.2f}")
 
     log(f"[3/4] {num_samples} samples, KV-cached Eso-LM (B), T={cfg.data.length} steps, top-p 0.9")
-    from .sampling import generate
+    from esolm.sampling import generate
 
     gen_out = generate(model, method, num_samples=num_samples, steps=cfg.data.length, top_p=0.9, seed=seed,
                        bos_id=tok.bos_id, prompt_ids=[tok.bos_id])

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import masks
-from .objectives import LossOutput, Objective, build_objective, hide_padding, normalize_method, token_nll
-from .schedule import uniform
+from esolm.errors import UserError
+from esolm.model import masks
+from esolm.noise import uniform
+from esolm.objectives import LossOutput, Objective, build_objective, hide_padding, normalize_method, token_nll
 
 Tensor = torch.Tensor
 
@@ -90,7 +91,7 @@ def sample_orders(batch_size: int, length: int, alpha0: float, generator: torch.
     uniformly random order, then the other valid positions left to right, then padding (ascending).
     """
     if not 0.0 <= alpha0 <= 1.0:
-        raise ValueError(f"alpha0 must lie in [0, 1], got {alpha0}")
+        raise UserError(f"alpha0 must lie in [0, 1], got {alpha0}")
     if valid is not None:
         device = valid.device
     diffused = uniform((batch_size, length), generator, device) < alpha0
@@ -109,12 +110,12 @@ def _check_anyorder(model, method: dict | None) -> int:
     if method is not None:
         m = normalize_method(method)
         if m["name"] != "esolm" or m["variant"] != "B":
-            raise ValueError(
+            raise UserError(
                 "the single-pass any-order likelihood needs a causal Eso-LM (B) model; got "
                 f"{m['name']}{' (A)' if m.get('variant') == 'A' else ''}, whose clean tokens attend "
                 "bidirectionally, so one pass does not give its conditionals")
     if getattr(model.config, "mask_id", None) is None:
-        raise ValueError("the any-order likelihood needs a model with a mask token (config.mask_id)")
+        raise UserError("the any-order likelihood needs a model with a mask token (config.mask_id)")
     return model.config.mask_id
 
 
@@ -122,7 +123,7 @@ def anyorder_loglik(model, x0: Tensor, order: Tensor, valid: Tensor | None = Non
                     method: dict | None = None) -> Tensor:
     """``sum_l log p(x_order(l) | x_order(<l))`` for each sequence, float64 ``[B]``, in one 2L pass.
 
-    Input ``[mask * L ; x sorted by order]`` with :func:`esolm.masks.sequential` and rotary positions
+    Input ``[mask * L ; x sorted by order]`` with :func:`esolm.model.masks.sequential` and rotary positions
     ``order`` twice; the z-half logits (mask logit -1e6) give every conditional. Only valid for causal
     Eso-LM (B) models: pass ``method`` to have variant (A) / MDLM / AR models rejected.
     """
@@ -159,7 +160,7 @@ def iw_bound(model, x0: Tensor, K: int, alpha0: float, generator: torch.Generato
     :func:`sample_orders`. Aggregate perplexity exactly as ``exp(sum of bounds / number of valid tokens)``.
     """
     if K < 1:
-        raise ValueError(f"K must be >= 1, got {K}")
+        raise UserError(f"K must be >= 1, got {K}")
     _check_anyorder(model, method)
     b, n = x0.shape
     rows = K * b

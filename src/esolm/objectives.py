@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import masks
-from .config import ConfigError, ModelConfig
-from .schedule import EPS, LogLinearSchedule, antithetic_times, uniform
+from esolm.config import ModelConfig
+from esolm.errors import ConfigError, UserError
+from esolm.model import masks
+from esolm.noise import EPS, LogLinearSchedule, antithetic_times, uniform
 
 Tensor = torch.Tensor
 
@@ -202,7 +203,7 @@ def _valid(x0: Tensor, valid: Tensor | None) -> Tensor | None:
     if valid is None:
         return None
     if valid.shape != x0.shape:
-        raise ValueError(f"valid mask shape {tuple(valid.shape)} != tokens shape {tuple(x0.shape)}")
+        raise UserError(f"valid mask shape {tuple(valid.shape)} != tokens shape {tuple(x0.shape)}")
     return valid.bool()
 
 
@@ -215,7 +216,7 @@ def _count(x0: Tensor, valid: Tensor | None) -> Tensor:
 def _mask_id(model) -> int:
     m = model.config.mask_id
     if m is None:
-        raise ValueError("this objective needs a model with a mask token (config.mask_id)")
+        raise UserError("this objective needs a model with a mask token (config.mask_id)")
     return m
 
 
@@ -370,7 +371,7 @@ class BD3LMObjective(Objective):
         b, n = x0.shape
         bs = self.method["block_size"]
         if n % bs:
-            raise ValueError(f"bd3lm block_size {bs} must divide the sequence length {n}")
+            raise UserError(f"bd3lm block_size {bs} must divide the sequence length {n}")
         nb = n // bs
         mask_id = _mask_id(model)
         clip = self.method["clip"] if self.training else None

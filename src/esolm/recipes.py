@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, ModelConfig
+from esolm.config import ModelConfig
+from esolm.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -140,12 +141,12 @@ class RunConfig:
 
     # -- derived ------------------------------------------------------------------------------------
     def method_dict(self) -> dict:
-        from .objectives import normalize_method
+        from esolm.objectives import normalize_method
 
         return normalize_method(self.method.to_method())
 
     def model_config(self, vocab_size: int, mask_id: int | None) -> ModelConfig:
-        from .objectives import model_config_for
+        from esolm.objectives import model_config_for
 
         m = self.model
         return model_config_for(self.method_dict(), vocab_size=vocab_size, mask_id=mask_id,

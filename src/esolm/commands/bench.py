@@ -1,6 +1,6 @@
 """``esolm bench latency``: wall time of sampling, every method on one random-initialised network size.
 
-(``esolm bench frontier``, the speed-quality sweep of trained models, lives in :mod:`esolm.frontier`.)
+(``esolm bench frontier``, the speed-quality sweep of trained models, lives in :mod:`esolm.evaluation.frontier`.)
 
 Each method decodes about one token per network call (NFE ~ L), as in the paper's latency table:
 
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import DiT
-from ..config import ModelConfig
+from esolm.config import ModelConfig
+from esolm.errors import UserError
+from esolm.model.backbone import DiT
 
 METHODS = {
     "esolm-b": ({"name": "esolm", "variant": "B", "alpha0": 1.0}, "first_hitting"),
@@ -83,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
-    from .. import frontier  # the speed-quality frontier of trained models (its own module)
+    from esolm.evaluation import frontier  # the speed-quality frontier of trained models (its own module)
 
     f = sub.add_parser("frontier", help="sample quality against sampling time for trained models",
                        description=frontier.__doc__.splitlines()[0])
@@ -104,8 +105,8 @@ def build_model(name: str, length: int, hidden: int, layers: int, heads: int, vo
 def _run_once(name: str, model: DiT, length: int, batch_size: int, block_size: int, seed: int
               ) -> tuple[float, int]:
     """Wall time of one ``generate`` call (planning, sampling, copy to host) and its NFE."""
-    from ..sampling import generate
-    from ..sampling.common import synchronize
+    from esolm.sampling import generate
+    from esolm.sampling.common import synchronize
 
     method, sampler = METHODS[name]
     if name == "bd3lm":
@@ -128,9 +129,9 @@ def run_latency(methods: list[str], lengths: list[int], batch_size: int = 1, hid
     ``max_repeat_seconds`` is run once.
     """
     if batch_size < 1 or repeats < 1:
-        raise ValueError("batch size and repeats must be positive")
+        raise UserError("batch size and repeats must be positive")
     if "bd3lm" in methods and any(n % block_size for n in lengths):
-        raise ValueError(f"every length must be a multiple of the BD3-LM block size {block_size}")
+        raise UserError(f"every length must be a multiple of the BD3-LM block size {block_size}")
     dev = torch.device(device)
     size = {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab, "device": str(dev),
             "threads": torch.get_num_threads() if dev.type == "cpu" else None}
@@ -218,11 +219,11 @@ def _progress(rec: dict) -> None:
 
 def run(args) -> int:
     if args.bench == "frontier":
-        from .. import frontier
+        from esolm.evaluation import frontier
 
         return frontier.run(args)
     if args.bench != "latency":
-        raise ValueError(f"unknown benchmark {args.bench!r}")
+        raise UserError(f"unknown benchmark {args.bench!r}")
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..cli import UserError
-    from ..demo import run_demo
+    from esolm.demo import run_demo
+    from esolm.errors import UserError
 
     if args.minutes <= 0:
         raise UserError(f"--minutes must be positive, got {args.minutes}")

@@ -13,8 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import UserError
-from ..evaluation import (
+from esolm.errors import UserError
+from esolm.evaluation import (
     PAD_MODE_SOURCES,
     ZERO_SHOT_SUITE,
     default_device,

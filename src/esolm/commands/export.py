@@ -18,8 +18,8 @@ def run(args) -> int:
 
     import yaml
 
-    from ..io import save_pretrained
-    from ..training import model_from_checkpoint
+    from esolm.io import save_pretrained
+    from esolm.training import model_from_checkpoint
 
     model, method, tokenizer, config = model_from_checkpoint(args.checkpoint)
     out = Path(args.out_dir)

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import UserError
-from ..evaluation import default_device, load_model, reference_texts, resolve_data, write_json
+from esolm.errors import UserError
+from esolm.evaluation import default_device, load_model, reference_texts, resolve_data, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,7 +92,7 @@ def generate_samples(model, method: dict, tokenizer, *, num_samples: int, batch_
     each row's ``nfe``/``seconds`` are those of its own batch. ``repeats > 1`` re-draws each batch with
     the same seed (the same samples) and keeps the fastest time: robust timings on a shared machine.
     """
-    from ..sampling import generate
+    from esolm.sampling import generate
 
     prompt_ids = None
     if prompt:
@@ -119,7 +119,7 @@ def generate_samples(model, method: dict, tokenizer, *, num_samples: int, batch_
 def quality_summary(rows: list[dict], *, entropy: bool = False, judge=None, featurizer=None,
                     reference: list[str] | None = None, ignore_ids=()) -> dict:
     """Entropy / generative perplexity / MAUVE of sample rows (``generate_samples`` output)."""
-    from .. import metrics
+    from esolm.evaluation import metrics
 
     texts = [r["text"] for r in rows]
     out: dict = {"num_samples": len(rows)}
@@ -130,7 +130,7 @@ def quality_summary(rows: list[dict], *, entropy: bool = False, judge=None, feat
         out.update({"gen_ppl": score.perplexity, "judge": judge.name, "judge_tokens": score.tokens})
     if featurizer is not None:
         if reference is None:
-            raise ValueError("MAUVE needs reference texts")
+            raise UserError("MAUVE needs reference texts")
         out["mauve"] = metrics.mauve_text(texts, reference, featurizer)
         out["mauve_reference_samples"] = len(reference)
     return out
@@ -151,7 +151,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from .. import metrics
+    from esolm.evaluation import metrics
 
     _check(args)
     device = args.device or default_device()

@@ -25,13 +25,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..recipes import resolve
+    from esolm.recipes import resolve
 
     cfg = resolve(args.preset, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from ..training import NonFiniteLossError, prepare, train
+    from esolm.training import NonFiniteLossError, prepare, train
 
     prepared = prepare(cfg)  # config, resume checkpoint and data errors surface here, before any work
     try:

@@ -7,14 +7,14 @@
 * :mod:`.api` — :func:`generate`.
 """
 
-from .api import GenerationOutput, generate
-from .ar import sample_ar
-from .bd3 import sample_bd3
-from .common import SampleResult
-from .draw import draw, top_p_filter
-from .esolm import sample_esolm_a, sample_esolm_b
-from .mdlm import sample_mdlm
-from .schedule import (
+from esolm.sampling.api import GenerationOutput, generate
+from esolm.sampling.ar import sample_ar
+from esolm.sampling.bd3 import sample_bd3
+from esolm.sampling.common import SampleResult
+from esolm.sampling.draw import draw, top_p_filter
+from esolm.sampling.esolm import sample_esolm_a, sample_esolm_b
+from esolm.sampling.mdlm import sample_mdlm
+from esolm.sampling.schedule import (
     Plan,
     binomial_counts,
     plan_binomial,

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ar import sample_ar
-from .bd3 import sample_bd3
-from .common import StepCallback
-from .esolm import sample_esolm_a, sample_esolm_b
-from .mdlm import sample_mdlm
-from .schedule import check_alpha0, plan_binomial, plan_one_per_step, plan_strided
+from esolm.errors import UserError
+from esolm.sampling.ar import sample_ar
+from esolm.sampling.bd3 import sample_bd3
+from esolm.sampling.common import StepCallback
+from esolm.sampling.esolm import sample_esolm_a, sample_esolm_b
+from esolm.sampling.mdlm import sample_mdlm
+from esolm.sampling.schedule import check_alpha0, plan_binomial, plan_one_per_step, plan_strided
 
 Tensor = torch.Tensor
 
@@ -75,7 +76,7 @@ def _as_rows(ids, name: str) -> Tensor:
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2:
-        raise ValueError(f"{name} must be a list of ids or a [batch, n] tensor, got shape {tuple(t.shape)}")
+        raise UserError(f"{name} must be a list of ids or a [batch, n] tensor, got shape {tuple(t.shape)}")
     return t
 
 
@@ -87,7 +88,7 @@ def _initial_tokens(length: int, fill: int, vocab: int, prompt_ids, infill, num_
     if prompt_ids is not None:
         prompt = _as_rows(prompt_ids, "prompt_ids")
         if prompt.shape[1] > length:
-            raise ValueError(
+            raise UserError(
                 f"prompt of {prompt.shape[1]} tokens is longer than the sequence length {length}")
         rows.append(prompt.shape[0])
     fill_in = None
@@ -96,19 +97,19 @@ def _initial_tokens(length: int, fill: int, vocab: int, prompt_ids, infill, num_
             fill_in = torch.full((1, length), -1, dtype=torch.long)
             for pos, tok in infill.items():
                 if not 0 <= int(pos) < length:
-                    raise ValueError(f"infill position {pos} is outside [0, {length})")
+                    raise UserError(f"infill position {pos} is outside [0, {length})")
                 fill_in[0, int(pos)] = int(tok)
         else:
             fill_in = _as_rows(infill, "infill")
             if fill_in.shape[1] != length:
-                raise ValueError(f"infill must give {length} entries (-1 = free), got {fill_in.shape[1]}")
+                raise UserError(f"infill must give {length} entries (-1 = free), got {fill_in.shape[1]}")
         rows.append(fill_in.shape[0])
     n = num_samples if num_samples is not None else max(rows)
     if n < 1:
-        raise ValueError(f"num_samples must be positive, got {n}")
+        raise UserError(f"num_samples must be positive, got {n}")
     for r in rows:
         if r not in (1, n):
-            raise ValueError(f"conditioning has {r} rows but {n} samples are requested")
+            raise UserError(f"conditioning has {r} rows but {n} samples are requested")
     x = torch.full((n, length), fill, dtype=torch.long)
     p = 0
     if prompt is not None:
@@ -119,7 +120,7 @@ def _initial_tokens(length: int, fill: int, vocab: int, prompt_ids, infill, num_
         x = torch.where(given, fill_in.expand(n, length), x)
     given_ids = x[x != fill] if fill >= 0 else x
     if given_ids.numel() and (given_ids.min() < 0 or given_ids.max() >= vocab):
-        raise ValueError(f"given token ids must lie in [0, {vocab})")
+        raise UserError(f"given token ids must lie in [0, {vocab})")
     return x, p
 
 
@@ -136,39 +137,39 @@ def generate(model, method: dict, num_samples: int | None = None, prompt_ids=Non
     """
     name = method.get("name")
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
     if sampler not in SAMPLERS[name]:
         choices = ", ".join(SAMPLERS[name])
-        raise ValueError(f"sampler {sampler!r} does not apply to {name} (choose from {choices})")
+        raise UserError(f"sampler {sampler!r} does not apply to {name} (choose from {choices})")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise UserError(f"steps must be a positive integer, got {steps!r}")
     if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+        raise UserError(f"top_p must lie in (0, 1], got {top_p!r}")
     cfg = model.config
     length = int(max_length) if max_length is not None else cfg.length
     if not 1 <= length <= cfg.length:
-        raise ValueError(f"max_length must lie in [1, {cfg.length}] (the model's length), got {max_length!r}")
+        raise UserError(f"max_length must lie in [1, {cfg.length}] (the model's length), got {max_length!r}")
     if name == "esolm":
         a0 = check_alpha0(method.get("alpha0", 1.0) if alpha0 is None else alpha0)
     elif alpha0 is not None:
         check_alpha0(alpha0)
-        raise ValueError(f"alpha0 applies to Eso-LM only, not to {name}")
+        raise UserError(f"alpha0 applies to Eso-LM only, not to {name}")
     if name != "ar" and cfg.mask_id is None:
-        raise ValueError(f"a {name} model needs a mask token (config.mask_id)")
+        raise UserError(f"a {name} model needs a mask token (config.mask_id)")
     if name == "ar":
         if infill is not None:
-            raise ValueError("infilling needs a diffusion model; an AR model only takes a prompt")
+            raise UserError("infilling needs a diffusion model; an AR model only takes a prompt")
         if prompt_ids is None or _as_rows(prompt_ids, "prompt_ids").shape[1] == 0:
             start = bos_id if bos_id is not None else eos_id
             if start is None:
-                raise ValueError("AR sampling needs prompt_ids or a bos_id (or eos_id) to start from")
+                raise UserError("AR sampling needs prompt_ids or a bos_id (or eos_id) to start from")
             prompt_ids = [int(start)]
     fill = cfg.mask_id if cfg.mask_id is not None else 0
     x, prompt_len = _initial_tokens(length, fill, cfg.vocab_size, prompt_ids, infill, num_samples)
     n = x.shape[0]
     bs = batch_size or n
     if bs < 1:
-        raise ValueError(f"batch_size must be positive, got {bs}")
+        raise UserError(f"batch_size must be positive, got {bs}")
 
     device = model.device
     plan_gen = torch.Generator().manual_seed(seed)
@@ -188,7 +189,7 @@ def generate(model, method: dict, num_samples: int | None = None, prompt_ids=Non
                     plan = plan_one_per_step(free, a0, plan_gen)
                 else:
                     if a0 != 1.0:
-                        raise ValueError("the strided (subcontext) schedule decodes everything by diffusion: "
+                        raise UserError("the strided (subcontext) schedule decodes everything by diffusion: "
                                          "use alpha0=1")
                     plan = plan_strided(free, steps or length, generator=plan_gen)
                 fn = sample_esolm_a if method.get("variant", "B") == "A" else sample_esolm_b

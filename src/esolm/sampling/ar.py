@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import masks
-from .common import SampleResult, StepCallback, Stopwatch
-from .draw import draw
+from esolm.errors import UserError
+from esolm.model import masks
+from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
+from esolm.sampling.draw import draw
 
 Tensor = torch.Tensor
 
@@ -23,7 +24,7 @@ def sample_ar(model, x: Tensor, prompt_len: int, *, top_p=None, generator: torch
               step_callback: StepCallback | None = None) -> SampleResult:
     """Complete ``x`` [B, L] whose first ``prompt_len`` (>= 1) tokens are given."""
     if prompt_len < 1:
-        raise ValueError("AR sampling needs at least one given token (a prompt or a BOS token)")
+        raise UserError("AR sampling needs at least one given token (a prompt or a BOS token)")
     mask_id = model.config.mask_id
     tokens = x.to(model.device).clone()
     b, length = tokens.shape

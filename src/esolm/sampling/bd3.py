@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import SampleResult, StepCallback, Stopwatch
-from .mdlm import ancestral_window, free_order, one_per_call_window
+from esolm.errors import UserError
+from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
+from esolm.sampling.mdlm import ancestral_window, free_order, one_per_call_window
 
 Tensor = torch.Tensor
 
@@ -42,15 +43,15 @@ def sample_bd3(model, x: Tensor, block_size: int, *, steps: int | None = None, s
     ``"first_hitting"`` (one token per call, random order within the block).
     """
     if sampler not in ("ancestral", "first_hitting"):
-        raise ValueError(f"unknown BD3-LM sampler {sampler!r} (ancestral, first_hitting)")
+        raise UserError(f"unknown BD3-LM sampler {sampler!r} (ancestral, first_hitting)")
     mask_id = model.config.mask_id
     tokens = x.to(model.device).clone()
     b, length = tokens.shape
     if block_size < 1 or length % block_size:
-        raise ValueError(f"block size {block_size} must divide the sequence length {length}")
+        raise UserError(f"block size {block_size} must divide the sequence length {length}")
     free = tokens == mask_id
     if (free != free[:1]).any():
-        raise ValueError("every sample of a batch must have the same given positions")
+        raise UserError("every sample of a batch must have the same given positions")
     device = tokens.device
     positions = torch.arange(length, device=device).expand(b, length)
     block_of = torch.arange(length, device=device) // block_size

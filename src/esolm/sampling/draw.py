@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from esolm.errors import UserError
+
 Tensor = torch.Tensor
 
 _TINY = torch.finfo(torch.float64).tiny
@@ -26,7 +28,7 @@ def mask_logit(logits: Tensor, mask_id: int | None) -> Tensor:
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of tokens whose probability reaches ``top_p`` (at least one); float64."""
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+        raise UserError(f"top_p must lie in (0, 1], got {top_p!r}")
     logits = logits.to(torch.float64)
     if top_p >= 1.0:
         return logits

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import masks
-from .common import SampleResult, StepCallback, Stopwatch
-from .draw import draw
-from .schedule import Plan
+from esolm.errors import UserError
+from esolm.model import masks
+from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
+from esolm.sampling.draw import draw
+from esolm.sampling.schedule import Plan
 
 Tensor = torch.Tensor
 
@@ -41,7 +42,7 @@ def _prepare(model, x: Tensor, plan: Plan) -> tuple[Tensor, Tensor]:
     device = model.device
     order = plan.order.to(device)
     if x.shape != order.shape:
-        raise ValueError(f"tokens {tuple(x.shape)} and order {tuple(order.shape)} differ in shape")
+        raise UserError(f"tokens {tuple(x.shape)} and order {tuple(order.shape)} differ in shape")
     return x.to(device).gather(1, order), order
 
 
@@ -99,7 +100,7 @@ def sample_esolm_a(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
     device = tokens.device
     prefix = plan.n_given + plan.n_diffusion  # clean prefix once the diffusion phase is over
     if prefix < length and prefix not in {lo for lo, _ in plan.bounds()}:
-        raise ValueError("the diffusion phase of the plan must end on a step boundary")
+        raise UserError("the diffusion phase of the plan must end on a step boundary")
     cache = model.new_cache(length)
     steps = [] if trace else None
     start = 0

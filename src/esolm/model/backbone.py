@@ -1,7 +1,7 @@
 """The Eso-LM backbone: the paper's DiT (adaLN) and the AR baseline's causal transformer.
 
 One module serves every model of esolm. What makes a model Eso-LM, MDLM, BD3-LM or AR is the order
-of its input tokens, the rotary positions given for them, and the attention mask (``esolm.masks``) —
+of its input tokens, the rotary positions given for them, and the attention mask (``esolm.model.masks``) —
 not the network. Parameter names follow the authors' layout, so their checkpoints load by name.
 
 * token embedding ``vocab_embed.embedding`` (not tied to the output layer);
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, attend
-from .config import ModelConfig
+from esolm.config import ModelConfig
+from esolm.model.attention import KVCache, attend
 
 Tensor = torch.Tensor
 
@@ -196,7 +196,7 @@ class DiT(nn.Module):
     * ``input_ids`` [B, S]: tokens in the order the method chose (sorted order);
     * ``positions`` [B, S]: each token's original position for rotary (default ``arange(S)``);
       a 2L input ``[z ; x]`` passes its sorted positions twice;
-    * ``mask``: boolean attention mask from :mod:`esolm.masks` (``None`` = full attention);
+    * ``mask``: boolean attention mask from :mod:`esolm.model.masks` (``None`` = full attention);
     * ``sigma`` [B]: noise-level conditioning (default 0, as Eso-LM and MDLM use);
     * ``cache``/``commit``: with a :class:`KVCache`, the new tokens attend to the cached ones too, and
       the keys/values of the first ``commit`` new tokens are kept;
@@ -289,13 +289,13 @@ class DiT(nn.Module):
 
     def save_pretrained(self, path, method: dict | None = None) -> None:
         """Write ``path/`` as safetensors weights + JSON config (see :mod:`esolm.io`)."""
-        from .io import save_pretrained
+        from esolm.io import save_pretrained
 
         save_pretrained(self, path, method=method)
 
     @classmethod
     def from_pretrained(cls, path_or_repo, **kwargs) -> DiT:
         """Load an esolm folder, or an authors' checkpoint / Hugging Face repo (see :mod:`esolm.io`)."""
-        from .io import from_pretrained
+        from esolm.io import from_pretrained
 
         return from_pretrained(path_or_repo, **kwargs)

@@ -2,7 +2,7 @@
 
 For a set of trained models (AR, MDLM, BD3-LM, Eso-LM at several alpha0) and a sweep of sampling
 steps T, draw the same number of samples per point, time them, and score them with the metrics of
-:mod:`esolm.metrics`: generative perplexity under one judge LM (loaded once), MAUVE against held-out
+:mod:`esolm.evaluation.metrics`: generative perplexity under one judge LM (loaded once), MAUVE against held-out
 text (features of the reference computed once per tokenizer) and unigram entropy (to expose
 repetitive, low-perplexity collapse). Eso-LM models can also be sampled at alpha0 values other than
 the trained one (``--alpha0``; the paper's best: train 0.25, sample 0.0625). The AR model has no step
@@ -28,8 +28,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cli import UserError
-from .evaluation import (
+from esolm.errors import UserError
+from esolm.evaluation import (
     default_device,
     load_model,
     parse_float_list,
@@ -93,8 +93,8 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
                  split_seed: int | None = None, device=None, samples_dir: Path | None = None,
                  warmup: bool = True, repeats: int = 1, log=print) -> list[FrontierPoint]:
     """Sample every (model, sampling alpha0, steps) point and score it; see the module docstring."""
-    from . import metrics
-    from .commands.sample import _write_jsonl, generate_samples
+    from esolm.commands.sample import _write_jsonl, generate_samples
+    from esolm.evaluation import metrics
 
     device = device or default_device()
     points: list[FrontierPoint] = []
@@ -262,7 +262,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from . import metrics
+    from esolm.evaluation import metrics
 
     steps = parse_int_list(args.steps, "--steps")
     alpha0s = parse_float_list(args.alpha0, "--alpha0") if args.alpha0 else None
@@ -280,7 +280,7 @@ def run(args) -> int:
         raise UserError(f"model labels must be distinct, got {labels}; use LABEL=PATH")
     for _, path in models:
         if not Path(path).exists():
-            raise FileNotFoundError(f"model not found: {path}")
+            raise UserError(f"model not found: {path}")
     device = args.device or default_device()
     judge = None if args.no_gen_ppl else metrics.Judge.load(
         args.judge, device=device, context=args.judge_context, batch_size=args.judge_batch_size)

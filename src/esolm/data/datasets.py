@@ -1,7 +1,7 @@
 """Training data: text sources, tokenisation cache, packing, splits and a resumable sampler.
 
 Sources
-    * ``wiki`` — the embedded Wikipedia corpus (:mod:`esolm.corpus`), no network;
+    * ``wiki`` — the embedded Wikipedia corpus (:mod:`esolm.data.corpus`), no network;
     * a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file (one JSON object
       per line with a ``text`` field), or a directory of such files;
     * Hugging Face ``datasets`` corpora used in the paper and its evaluations — ``openwebtext``,
@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .corpus import corpus_fingerprint, wiki_texts
-from .tokenizers import Tokenizer
+from esolm.data.corpus import corpus_fingerprint, wiki_texts
+from esolm.data.tokenizers import Tokenizer
+from esolm.errors import ConfigError, UserError
 
 MODES = ("pack", "pad")
 
@@ -207,10 +207,10 @@ def read_local_texts(path: str | os.PathLike) -> list[str]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl"))
         if not files:
-            raise FileNotFoundError(f"no .txt or .jsonl files in {p}")
+            raise UserError(f"no .txt or .jsonl files in {p}")
         return [t for f in files for t in read_local_texts(f)]
     if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p}")
+        raise UserError(f"data file not found: {p}")
     if p.suffix == ".jsonl":
         out = []
         with p.open(encoding="utf-8") as fh:
@@ -218,12 +218,12 @@ def read_local_texts(path: str | os.PathLike) -> list[str]:
                 if line.strip():
                     obj = json.loads(line)
                     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise ValueError(f"{p}:{i}: expected a JSON object with a 'text' string")
+                        raise UserError(f"{p}:{i}: expected a JSON object with a 'text' string")
                     out.append(obj["text"])
         return out
     if p.suffix == ".txt":
         return [d.strip() for d in re.split(r"\n\s*\n", p.read_text(encoding="utf-8")) if d.strip()]
-    raise ValueError(f"unsupported data file {p} (use .txt or .jsonl)")
+    raise UserError(f"unsupported data file {p} (use .txt or .jsonl)")
 
 
 def source_texts(source: str, val_fraction: float, split_seed: int = 0,

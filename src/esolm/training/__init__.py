@@ -40,19 +40,16 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar, WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from .backbone import DiT
-from .config import ConfigError
-from .data import DataSplits, ResumableBatchSampler, build_datasets, default_cache_dir
-from .io import CheckpointError  # one error type for every checkpoint esolm reads
-from .objectives import LossOutput, build_objective
-from .recipes import RunConfig
-from .tokenizers import Tokenizer, get_tokenizer
+from esolm.data import DataSplits, ResumableBatchSampler, build_datasets, default_cache_dir
+from esolm.data.tokenizers import Tokenizer, get_tokenizer
+from esolm.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
+from esolm.model.backbone import DiT
+from esolm.objectives import LossOutput, build_objective
+from esolm.recipes import RunConfig
 
 TERM_NAMES = ("ar", "mdm")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the step was not applied."""
 
 
 def step_seed(*parts: int) -> int:
@@ -150,7 +147,7 @@ def reduce_loss(out: LossOutput, strategy) -> LossOutput:
     """Sum every term's (NLL, tokens) over all ranks (exact global aggregation)."""
     extra = sorted(set(out.terms) - set(TERM_NAMES))
     if extra:
-        raise ValueError(f"unexpected loss terms {extra}")
+        raise UserError(f"unexpected loss terms {extra}")
     vec = torch.zeros(2 * len(TERM_NAMES), dtype=torch.float64)
     for i, k in enumerate(TERM_NAMES):
         if k in out.terms:

