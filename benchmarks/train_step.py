@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from esolm.likelihood import anyorder_loglik, sample_orders
+from esolm.methods import model_config_for
 from esolm.model.backbone import DiT
-from esolm.objectives import build_objective, model_config_for
+from esolm.objectives import build_objective
 
 METHODS = {
     "AR": {"name": "ar"},

@@ -49,7 +49,7 @@ def make_step(overrides: list[str], precision: str, batch: dict):
     tok = p.tokenizer
     torch.manual_seed(0)
     model = DiT(cfg.model_config(tok.vocab_size, None if cfg.method.name == "ar" else tok.mask_id)).train()
-    obj = build_objective(cfg.method_dict()).train()
+    obj = build_objective(cfg.method_spec()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     gen = torch.Generator().manual_seed(0)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext

@@ -12,8 +12,8 @@ from esolm import cli
 from esolm.data.tokenizers import Tokenizer, train_bpe
 from esolm.evaluation import metrics
 from esolm.io import save_pretrained
+from esolm.methods import model_config_for
 from esolm.model.backbone import DiT
-from esolm.objectives import model_config_for
 
 WORDS = ("the a river city old new king music war north south early modern language people land "
          "sea mountain empire science art long small great first").split()

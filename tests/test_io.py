@@ -17,6 +17,7 @@ from esolm.io import (
     load_pretrained,
     save_pretrained,
 )
+from esolm.methods import as_method
 from esolm.model import masks
 from esolm.model.backbone import DiT
 
@@ -66,7 +67,7 @@ def test_round_trip_is_bit_exact(tmp_path, kw):
     meta = json.loads((tmp_path / "m" / "config.json").read_text())
     assert meta["format"] == "esolm" and meta["version"] == 1 and meta["model"] == model.config.to_dict()
     loaded, method = load_pretrained(tmp_path / "m")
-    assert method == METHOD and loaded.config == model.config and not loaded.training
+    assert method == as_method(METHOD) and loaded.config == model.config and not loaded.training
     _state_equal(model, loaded)
     x = torch.randint(0, 28, (2, 8))
     with torch.no_grad():
@@ -80,7 +81,7 @@ def test_dit_methods_delegate_and_overwrite(tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     loaded = DiT.from_pretrained(tmp_path / "m")
     _state_equal(second, loaded)
-    assert load_pretrained(tmp_path / "m" / "model.safetensors")[1] == {"name": "mdlm", "low_var": False}
+    assert load_pretrained(tmp_path / "m" / "model.safetensors")[1] == as_method({"name": "mdlm", "low_var": False})
 
 
 def test_wrapped_models_save_their_own_keys(tmp_path):
@@ -98,7 +99,7 @@ def test_pt_file_with_esolm_config(tmp_path):
     torch.save({"state_dict": model.state_dict(), "config": model.config.to_dict(), "method": METHOD},
                tmp_path / "step100.pt")
     loaded, method = load_pretrained(tmp_path / "step100.pt")
-    assert method == METHOD
+    assert method == as_method(METHOD)
     _state_equal(model, loaded)
 
 
@@ -318,7 +319,7 @@ def test_lightning_checkpoint_without_running_pickled_code(tmp_path, monkeypatch
     assert isinstance(raw["hyper_parameters"]["tokenizer"], io.InertObject)
 
     model, method = load_pretrained(tmp_path / "last.ckpt")  # EMA by default
-    assert method == {"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.5, "low_var": True}
+    assert method == as_method({"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.5, "low_var": True})
     assert model.config == _fixture_config(fx)
     for (name, p), s in zip(model.named_parameters(), shadow):
         assert torch.equal(p, s), name
@@ -387,7 +388,7 @@ def test_authors_hf_esolm_folder(tmp_path, weights):
     fx = _fixture()
     folder = _hf_folder(tmp_path / "hf", fx, "esolm", weights)
     model, method = load_pretrained(folder)
-    assert method == {"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.0, "low_var": False}
+    assert method == as_method({"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.0, "low_var": False})
     assert model.config == _fixture_config(fx)
     assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
 
@@ -396,7 +397,7 @@ def test_authors_hf_mdlm_folder(tmp_path):
     fx = _fixture()
     folder = _hf_folder(tmp_path / "hf", fx, "mdlm")
     model, method = load_pretrained(folder)
-    assert method == {"name": "mdlm", "low_var": False}
+    assert method == as_method({"name": "mdlm", "low_var": False})
     assert model.config.mask_id == fx["vocab_size"] - 1
     assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
 
@@ -424,7 +425,7 @@ def test_repo_id_downloads_through_the_hub_client(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model, method = load_pretrained("sahoo-diffusion/Eso-LM-B-alpha-1", revision="main")
     assert seen["repo_id"] == "sahoo-diffusion/Eso-LM-B-alpha-1" and seen["revision"] == "main"
-    assert method["alpha0"] == 1.0
+    assert method.alpha0 == 1.0
     assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
 
 
@@ -467,7 +468,7 @@ def test_checkpoint_written_by_lightning_trainer(tmp_path, monkeypatch):
     _forbid_omegaconf(monkeypatch, omegaconf)
     FakeTokenizer.ran = False
     model, method = load_pretrained(tmp_path / "last.ckpt")
-    assert method == {"name": "esolm", "variant": "A", "alpha0": 0.5, "batch_split": 0.0, "low_var": True}
+    assert method == as_method({"name": "esolm", "variant": "A", "alpha0": 0.5, "batch_split": 0.0, "low_var": True})
     assert model.config == module.backbone.config
     _state_equal(module.backbone, model)
     assert not FakeTokenizer.ran

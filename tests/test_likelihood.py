@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from esolm.likelihood import anyorder_loglik, iw_bound, log_mean_exp, nelbo, sample_orders
+from esolm.methods import model_config_for
 from esolm.model.backbone import DiT
-from esolm.objectives import LossOutput, build_objective, model_config_for
+from esolm.objectives import LossOutput, build_objective
 
 V, MASK = 13, 12
 ESO_B = {"name": "esolm", "variant": "B", "alpha0": 0.5}

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from esolm.config import ConfigError
+from esolm.methods import as_method, model_config_for
 from esolm.model import masks
 from esolm.model.backbone import DiT
 from esolm.noise import EPS, LogLinearSchedule, antithetic_times
 from esolm.objectives import (
     LossOutput,
     build_objective,
-    model_config_for,
-    normalize_method,
 )
 
 V, MASK = 13, 12  # 12 real tokens + the mask
@@ -88,9 +87,9 @@ def test_antithetic_times_stratified_and_rank_consistent():
 
 
 def test_method_defaults_and_errors():
-    assert normalize_method({"name": "esolm", "alpha0": 1.0})["batch_split"] == 1.0
-    assert normalize_method({"name": "esolm", "alpha0": 0.0})["batch_split"] == 0.0
-    assert normalize_method({"name": "esolm", "alpha0": 0.25})["batch_split"] == 0.5
+    assert as_method({"name": "esolm", "alpha0": 1.0}).batch_split == 1.0
+    assert as_method({"name": "esolm", "alpha0": 0.0}).batch_split == 0.0
+    assert as_method({"name": "esolm", "alpha0": 0.25}).batch_split == 0.5
     for bad in ({"name": "esolm", "variant": "C"}, {"name": "mdlm", "alpha0": 1}, {"name": "gpt"},
                 {"name": "bd3lm", "block_size": 0}, {"name": "bd3lm", "block_size": 4, "clip": [0.9, 0.1]},
                 {"name": "esolm", "alpha0": 1.5}):

@@ -27,17 +27,17 @@ def test_overrides_are_typed():
     cfg = resolve("cpu-tiny", ["method.alpha0=1", "optim.lr=2e-3", "trainer.max_time=00:01:30:00",
                                "optim.betas=[0.9, 0.95]", "data.max_documents=null", "trainer.progress=true"])
     assert cfg.method.alpha0 == 1.0 and isinstance(cfg.method.alpha0, float)
-    assert cfg.method_dict()["batch_split"] == 1.0  # paper default at alpha0 = 1
+    assert cfg.method_spec().batch_split == 1.0  # paper default at alpha0 = 1
     assert cfg.optim.lr == 2e-3 and cfg.optim.betas == [0.9, 0.95] and cfg.data.max_documents is None
     assert cfg.max_time() == dt.timedelta(hours=1, minutes=30)
     assert resolve("cpu-tiny", ["trainer.max_time=90"]).max_time() == dt.timedelta(seconds=90)
     # method.name starts a fresh method section
-    assert resolve("cpu-tiny", ["method.name=ar"]).method_dict() == {"name": "ar"}  # preset alpha0 dropped
-    assert resolve("cpu-tiny", ["method.name=mdlm"]).method_dict() == {"name": "mdlm", "low_var": False}
+    assert resolve("cpu-tiny", ["method.name=ar"]).method_spec().to_dict() == {"name": "ar"}  # preset alpha0 dropped
+    assert resolve("cpu-tiny", ["method.name=mdlm"]).method_spec().to_dict() == {"name": "mdlm", "low_var": False}
     with pytest.raises(ConfigError, match="unknown keys for method 'ar': alpha0"):
         resolve("cpu-tiny", ["method.alpha0=0.5", "method.name=ar"])  # explicit keys apply on top
-    bd3 = resolve("cpu-tiny", ["method.name=bd3lm", "method.block_size=4"]).method_dict()
-    assert bd3 == {"name": "bd3lm", "block_size": 4, "clip": None}
+    bd3 = resolve("cpu-tiny", ["method.name=bd3lm", "method.block_size=4"]).method_spec().to_dict()
+    assert bd3 == {"name": "bd3lm", "block_size": 4, "clip": None, "ignore_bos": False}
 
 
 def test_batch_geometry():
@@ -55,7 +55,7 @@ def test_batch_geometry():
     ("trainer.nope=1", "unknown config key 'trainer.nope'"),
     ("nosection.x=1", "unknown config key"),
     ("model.n_layers=two", "expects int"),
-    ("method.name=foo", "method must be a dict with name"),
+    ("method.name=foo", "method name must be one of"),
     ("optim.ema=1.0", "optim.ema"),
     ("trainer.precision=fp8", "trainer.precision"),
     ("method.block_size=4", "unknown keys for method 'esolm'"),

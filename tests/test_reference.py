@@ -47,7 +47,7 @@ def test_loaded_config_and_method(path):
         fixture["vocab_size"], fixture["mask_index"], fixture["length"])
     assert cfg.hidden_size == fixture["config"]["model"]["hidden_size"]
     assert cfg.n_layers == fixture["config"]["model"]["n_blocks"]
-    assert method["name"] == "esolm" and method["variant"] == fixture["mode"].upper()
+    assert method.name == "esolm" and method.variant == fixture["mode"].upper()
     # every tensor of the authors' state dict arrived unchanged
     ours = model.state_dict()
     for key, value in fixture["state_dict"].items():

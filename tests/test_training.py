@@ -148,7 +148,7 @@ def test_export_carries_ema_weights_and_tokenizer(reference_run, capsys):
     assert main(["export", str(ckpt), str(tmp / "exported")]) == 0
     model, method = load_pretrained(tmp / "exported")
     raw = read_checkpoint(ckpt)
-    assert method == resolve("cpu-tiny").method_dict()
+    assert method == resolve("cpu-tiny").method_spec()
     ema = {k[6:]: v for k, v in raw["state_dict"].items() if k.startswith("model.")}
     cur = {k[6:]: v for k, v in raw["current_model_state"].items() if k.startswith("model.")}
     for k, v in model.state_dict().items():

@@ -157,7 +157,7 @@ def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes:
             f"{r['uncached_seconds']:.3f} s -> {r['speedup']:.1f}x faster, identical tokens: {r['same_tokens']}")
 
     out.mkdir(parents=True, exist_ok=True)
-    results = {"preset": "cpu-small", "method": method, "train_seconds": round(train_s, 1),
+    results = {"preset": "cpu-small", "method": method.to_dict(), "train_seconds": round(train_s, 1),
                "final_metrics": json.loads((run / "final_metrics.json").read_text()),
                "eval": res.to_dict(), "samples": {"nfe": gen_out.nfe, "seconds": round(gen_out.seconds, 3),
                                                   "texts": texts},

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from esolm.errors import UserError
+from esolm.methods import Method, as_method, require_any_order
 from esolm.model import masks
 from esolm.noise import uniform
-from esolm.objectives import LossOutput, Objective, build_objective, hide_padding, normalize_method, token_nll
+from esolm.objectives import LossOutput, Objective, build_objective, hide_padding, token_nll
 
 Tensor = torch.Tensor
 
@@ -106,21 +107,16 @@ def sample_orders(batch_size: int, length: int, alpha0: float, generator: torch.
     return torch.argsort(key, dim=1, stable=True)
 
 
-def _check_anyorder(model, method: dict | None) -> int:
+def _check_anyorder(model, method: Method | dict | None) -> int:
     if method is not None:
-        m = normalize_method(method)
-        if m["name"] != "esolm" or m["variant"] != "B":
-            raise UserError(
-                "the single-pass any-order likelihood needs a causal Eso-LM (B) model; got "
-                f"{m['name']}{' (A)' if m.get('variant') == 'A' else ''}, whose clean tokens attend "
-                "bidirectionally, so one pass does not give its conditionals")
+        require_any_order(as_method(method), "the single-pass any-order likelihood")
     if getattr(model.config, "mask_id", None) is None:
         raise UserError("the any-order likelihood needs a model with a mask token (config.mask_id)")
     return model.config.mask_id
 
 
 def anyorder_loglik(model, x0: Tensor, order: Tensor, valid: Tensor | None = None,
-                    method: dict | None = None) -> Tensor:
+                    method: Method | dict | None = None) -> Tensor:
     """``sum_l log p(x_order(l) | x_order(<l))`` for each sequence, float64 ``[B]``, in one 2L pass.
 
     Input ``[mask * L ; x sorted by order]`` with :func:`esolm.model.masks.sequential` and rotary positions
@@ -152,7 +148,7 @@ def log_mean_exp(ll: Tensor, dim: int = 0) -> Tensor:
 @torch.no_grad()
 def iw_bound(model, x0: Tensor, K: int, alpha0: float, generator: torch.Generator | None = None,
              chunk_size: int | None = None, valid: Tensor | None = None,
-             method: dict | None = None) -> Tensor:
+             method: Method | dict | None = None) -> Tensor:
     """Importance-weighted bound ``-log (1/K) sum_k exp(ll_k)`` per sequence (float64 ``[B]``, nats).
 
     The K x B (order, sequence) rows are evaluated ``chunk_size`` rows per forward pass (default B: one

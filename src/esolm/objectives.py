@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from esolm.config import ModelConfig
-from esolm.errors import ConfigError, UserError
+from esolm.errors import UserError
+from esolm.methods import Method, as_method
 from esolm.model import masks
 from esolm.noise import EPS, LogLinearSchedule, antithetic_times, uniform
 
@@ -94,76 +94,6 @@ class LossOutput:
 
 
 # --------------------------------------------------------------------------------------------------
-# Method dicts and model configs
-# --------------------------------------------------------------------------------------------------
-
-_METHOD_KEYS = {
-    "ar": set(),
-    "mdlm": {"low_var"},
-    "esolm": {"variant", "alpha0", "batch_split", "low_var"},
-    "bd3lm": {"block_size", "clip"},
-}
-
-
-def default_batch_split(alpha0: float) -> float:
-    """Paper defaults: kappa = 1 at alpha0 = 1 (pure MDM), 0 at alpha0 = 0 (pure AR), else 0.5."""
-    return 1.0 if alpha0 == 1 else 0.0 if alpha0 == 0 else 0.5
-
-
-def normalize_method(method: dict) -> dict:
-    """Validate a method dict and fill in its defaults (raises :class:`ConfigError`)."""
-    if not isinstance(method, dict) or method.get("name") not in _METHOD_KEYS:
-        raise ConfigError(f"method must be a dict with name in {sorted(_METHOD_KEYS)}, got {method!r}")
-    name = method["name"]
-    unknown = sorted(set(method) - _METHOD_KEYS[name] - {"name"})
-    if unknown:
-        raise ConfigError(f"unknown keys for method {name!r}: {', '.join(unknown)}")
-    m = dict(method)
-    if name == "mdlm":
-        m["low_var"] = bool(m.get("low_var", False))
-    elif name == "esolm":
-        m["variant"] = str(m.get("variant", "B")).upper()
-        if m["variant"] not in ("A", "B"):
-            raise ConfigError(f"esolm variant must be 'A' or 'B', got {method.get('variant')!r}")
-        m["alpha0"] = float(m.get("alpha0", 1.0))
-        if not 0.0 <= m["alpha0"] <= 1.0:
-            raise ConfigError(f"alpha0 must lie in [0, 1], got {m['alpha0']}")
-        kappa = m.get("batch_split")
-        m["batch_split"] = default_batch_split(m["alpha0"]) if kappa is None else float(kappa)
-        if not 0.0 <= m["batch_split"] <= 1.0:
-            raise ConfigError(f"batch_split must lie in [0, 1], got {m['batch_split']}")
-        m["low_var"] = bool(m.get("low_var", False))
-    elif name == "bd3lm":
-        bs = m.get("block_size")
-        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
-            raise ConfigError(f"bd3lm block_size must be a positive integer, got {bs!r}")
-        clip = m.get("clip")
-        if clip is not None:
-            clip = [float(c) for c in clip]
-            if len(clip) != 2 or not 0.0 <= clip[0] < clip[1] <= 1.0:
-                raise ConfigError(f"bd3lm clip must be [beta, omega], 0 <= beta < omega <= 1, got {clip!r}")
-        m["clip"] = clip
-    return m
-
-
-def model_config_for(method: dict, **cfg) -> ModelConfig:
-    """The backbone config a method needs: plain causal blocks (``adaln=False``, no mask token unless
-    given) for ``ar``; the DiT with a mask token for every diffusion method."""
-    m = normalize_method(method)
-    if m["name"] == "ar":
-        cfg["adaln"] = False
-        cfg.setdefault("mask_id", None)
-        return ModelConfig(**cfg)
-    cfg.setdefault("adaln", True)
-    config = ModelConfig(**cfg)
-    if config.mask_id is None:
-        raise ConfigError(f"method {m['name']!r} needs a mask token (mask_id)")
-    if m["name"] == "bd3lm" and config.length % m["block_size"]:
-        raise ConfigError(f"bd3lm block_size {m['block_size']} must divide the length {config.length}")
-    return config
-
-
-# --------------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------------
 
@@ -223,8 +153,8 @@ def _mask_id(model) -> int:
 class Objective:
     """Base class: ``obj(model, x0, valid=None, generator=None, rank=0, world_size=1) -> LossOutput``."""
 
-    def __init__(self, method: dict):
-        self.method = normalize_method(method)
+    def __init__(self, method: Method | dict):
+        self.method = as_method(method)
         self.training = True
 
     def train(self, mode: bool = True) -> Objective:
@@ -328,7 +258,7 @@ class MDLMObjective(Objective):
     low-variance weight -1 in training when ``low_var``)."""
 
     def forward(self, model, x0, valid, generator, rank, world_size) -> LossOutput:
-        low_var = self.training and self.method["low_var"]
+        low_var = self.training and self.method.low_var
         term = mdm_term(model, x0, valid, generator, rank, world_size, LogLinearSchedule(1.0),
                         "bidirectional", low_var)
         return LossOutput({"mdm": term})
@@ -338,20 +268,20 @@ class EsoLMObjective(Objective):
     """Eso-LM (A) or (B): MDM term on the first ``round(kappa B)`` sequences, AR term on the rest."""
 
     def split(self, batch_size: int) -> int:
-        return int(math.floor(self.method["batch_split"] * batch_size + 0.5))
+        return int(math.floor(self.method.batch_split * batch_size + 0.5))
 
     def forward(self, model, x0, valid, generator, rank, world_size) -> LossOutput:
         m = self.method
         k = self.split(x0.shape[0])
-        attention = "causal" if m["variant"] == "B" else "prefix"
+        attention = "causal" if m.variant == "B" else "prefix"
         out = {}
         if k > 0:
             v = None if valid is None else valid[:k]
             out["mdm"] = mdm_term(model, x0[:k], v, generator, rank, world_size,
-                                  LogLinearSchedule(m["alpha0"]), attention, self.training and m["low_var"])
+                                  LogLinearSchedule(m.alpha0), attention, self.training and m.low_var)
         if k < x0.shape[0]:
             v = None if valid is None else valid[k:]
-            out["ar"] = sequential_term(model, x0[k:], v, generator, m["alpha0"], m["variant"])
+            out["ar"] = sequential_term(model, x0[k:], v, generator, m.alpha0, m.variant)
         return LossOutput(out)
 
 
@@ -369,12 +299,12 @@ class BD3LMObjective(Objective):
 
     def forward(self, model, x0, valid, generator, rank, world_size) -> LossOutput:
         b, n = x0.shape
-        bs = self.method["block_size"]
+        bs = self.method.block_size
         if n % bs:
             raise UserError(f"bd3lm block_size {bs} must divide the sequence length {n}")
         nb = n // bs
         mask_id = _mask_id(model)
-        clip = self.method["clip"] if self.training else None
+        clip = self.method.clip if self.training else None
         if clip is None:
             sched = LogLinearSchedule(1.0)
             t = antithetic_times(b * nb, generator, rank, world_size, device=x0.device)
@@ -402,7 +332,7 @@ class BD3LMObjective(Objective):
 _OBJECTIVES = {"ar": ARObjective, "mdlm": MDLMObjective, "esolm": EsoLMObjective, "bd3lm": BD3LMObjective}
 
 
-def build_objective(method: dict) -> Objective:
-    """The objective of a method dict (see the package README for the dict's keys)."""
-    m = normalize_method(method)
-    return _OBJECTIVES[m["name"]](m)
+def build_objective(method: Method | dict) -> Objective:
+    """The objective of a method spec (or its dict)."""
+    m = as_method(method)
+    return _OBJECTIVES[m.name](m)

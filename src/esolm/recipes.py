@@ -30,6 +30,7 @@ import yaml
 
 from esolm.config import ModelConfig
 from esolm.errors import ConfigError
+from esolm.methods import Method, as_method, model_config_for
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -46,7 +47,7 @@ class ModelSection:
 
 @dataclass
 class MethodSection:
-    """The method dict saved with the model (``esolm.objectives.normalize_method`` fills defaults)."""
+    """The method keys of a recipe; :func:`esolm.methods.as_method` validates them and fills defaults."""
 
     name: str = "esolm"
     variant: str | None = None
@@ -55,6 +56,7 @@ class MethodSection:
     low_var: bool | None = None
     block_size: int | None = None
     clip: list[float] | None = None
+    ignore_bos: bool | None = None
 
     def to_method(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -140,16 +142,13 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # -- derived ------------------------------------------------------------------------------------
-    def method_dict(self) -> dict:
-        from esolm.objectives import normalize_method
-
-        return normalize_method(self.method.to_method())
+    def method_spec(self) -> Method:
+        """The validated method spec of the ``method`` section."""
+        return as_method(self.method.to_method())
 
     def model_config(self, vocab_size: int, mask_id: int | None) -> ModelConfig:
-        from esolm.objectives import model_config_for
-
         m = self.model
-        return model_config_for(self.method_dict(), vocab_size=vocab_size, mask_id=mask_id,
+        return model_config_for(self.method_spec(), vocab_size=vocab_size, mask_id=mask_id,
                                 hidden_size=m.hidden_size, cond_dim=m.cond_dim, n_layers=m.n_layers,
                                 n_heads=m.n_heads, length=self.data.length, dropout=m.dropout,
                                 mlp_ratio=m.mlp_ratio)
@@ -190,7 +189,7 @@ class RunConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        self.method_dict()  # method name/keys, alpha0 and batch_split ranges, bd3lm block size
+        self.method_spec()  # method name/keys, alpha0 and batch_split ranges, bd3lm block size
         m, d, o, t = self.model, self.data, self.optim, self.trainer
         # a throwaway vocabulary: checks heads | hidden, even head dim, dropout, bd3lm block | length
         self.model_config(vocab_size=8, mask_id=7)

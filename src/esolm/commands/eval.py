@@ -23,11 +23,11 @@ from esolm.evaluation import (
     load_model,
     parse_int_list,
     resolve_data,
-    supports_iw,
     token_dataset,
     write_json,
     zero_shot_texts,
 )
+from esolm.methods import require_any_order
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,9 +97,8 @@ def run(args) -> int:
     length = args.length or model.config.length
     if length > model.config.length:
         raise UserError(f"--length {length} exceeds the model's length {model.config.length}")
-    if ks and not supports_iw(method):
-        raise UserError(f"--iw-k needs a causal Eso-LM (B) model; {args.model} is {method['name']}"
-                        + (" (A)" if method.get("variant") == "A" else ""))
+    if ks:
+        require_any_order(method, f"--iw-k ({args.model})")
 
     data = resolve_data(loaded, args.data, args.val_fraction, args.split_seed, args.max_documents, args.mode)
     sets = zero_shot or [data["source"]]
@@ -122,8 +121,7 @@ def run(args) -> int:
         console.print(f"[dim]{label}: {res.sequences} sequences, {res.tokens} tokens, "
                       f"{res.seconds:.1f} s[/dim]")
 
-    table = Table(title=f"esolm eval {args.model} ({method['name']}"
-                        + (f", alpha0={method['alpha0']:g}" if "alpha0" in method else "") + ")")
+    table = Table(title=f"esolm eval {args.model} ({method.label})")
     table.caption = "NELBO in nats/token; perplexities are upper bounds (exact for AR)"
     table.add_column("dataset", overflow="fold")
     for col in ("tokens", "NELBO", "PPL", *(f"IW K={k}" for k in ks)):
@@ -134,7 +132,7 @@ def run(args) -> int:
     Console().print(table)
 
     if args.json:
-        payload = {"model": str(args.model), "method": method, "tokenizer": tokenizer.name, "length": length,
+        payload = {"model": str(args.model), "method": method.to_dict(), "tokenizer": tokenizer.name, "length": length,
                    "data": None if zero_shot else data,
                    "seed": args.seed, "batch_size": args.batch_size, "iw_k": ks,
                    "seconds": time.perf_counter() - t0, "results": [r.to_dict() for r in results]}

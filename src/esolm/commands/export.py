@@ -19,6 +19,7 @@ def run(args) -> int:
     import yaml
 
     from esolm.io import save_pretrained
+    from esolm.methods import as_method
     from esolm.training import model_from_checkpoint
 
     model, method, tokenizer, config = model_from_checkpoint(args.checkpoint)
@@ -28,6 +29,6 @@ def run(args) -> int:
     tmp = out / ".training_config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     tmp.replace(out / "training_config.yaml")
-    print(f"exported {args.checkpoint} -> {out} ({method['name']}, {sum(p.numel() for p in model.parameters())} "
-          f"parameters, EMA weights)")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"exported {args.checkpoint} -> {out} ({as_method(method).label}, {n_params} parameters, EMA weights)")
     return 0

@@ -157,8 +157,8 @@ def run(args) -> int:
     device = args.device or default_device()
     loaded = load_model(args.model, args.tokenizer, device=device)
     model, method, tokenizer = loaded.model, loaded.method, loaded.tokenizer
-    if args.alpha0 is not None and method["name"] != "esolm":
-        raise UserError(f"--alpha0 applies to Eso-LM models only; {args.model} is {method['name']}")
+    if args.alpha0 is not None and method.name != "esolm":
+        raise UserError(f"--alpha0 applies to Eso-LM models only; {args.model} is {method.label}")
     if args.max_length is not None and args.max_length > model.config.length:
         raise UserError(f"--max-length {args.max_length} exceeds the model's length {model.config.length}")
     # load the metric models before sampling, so a missing one fails fast
@@ -175,8 +175,8 @@ def run(args) -> int:
     _write_jsonl(args.out, rows)
     nfe = sum(r["nfe"] for r in {r["batch"]: r for r in rows}.values())
     seconds = sum(r["seconds"] for r in {r["batch"]: r for r in rows}.values())
-    summary = {"model": str(args.model), "method": method, "num_samples": len(rows), "steps": args.steps,
-               "alpha0": args.alpha0 if args.alpha0 is not None else method.get("alpha0"),
+    summary = {"model": str(args.model), "method": method.to_dict(), "num_samples": len(rows), "steps": args.steps,
+               "alpha0": args.alpha0 if args.alpha0 is not None else getattr(method, "alpha0", None),
                "top_p": args.top_p,
                "seed": args.seed, "sampler": args.sampler, "nfe": nfe, "sampling_seconds": seconds}
     if args.out != "-":

@@ -36,7 +36,8 @@ from esolm.data.tokenizers import META_FILE, Tokenizer, get_tokenizer
 from esolm.errors import UserError
 from esolm.io import load_pretrained
 from esolm.likelihood import iw_bound, nelbo
-from esolm.objectives import build_objective, normalize_method
+from esolm.methods import Method, as_method, check_alpha0, require_any_order
+from esolm.objectives import build_objective
 from esolm.recipes import DataSection
 
 Tensor = torch.Tensor
@@ -72,7 +73,7 @@ class LoadedModel:
     """A model ready for evaluation or sampling, with what it was trained with."""
 
     model: torch.nn.Module
-    method: dict  # normalised method dict
+    method: Method
     tokenizer: Tokenizer
     data: dict  # the training recipe's data section ({} when unknown)
 
@@ -123,7 +124,7 @@ def load_model(path: str | os.PathLike, tokenizer: str | None = None,
         tok = get_tokenizer(tokenizer)
     elif tok is None:
         tok = _saved_tokenizer(p)
-    loaded = LoadedModel(model.eval(), normalize_method(method), tok, data)
+    loaded = LoadedModel(model.eval(), as_method(method), tok, data)
     check_tokenizer(loaded.model, tok)
     return loaded
 
@@ -252,12 +253,8 @@ class EvalResult:
         return d
 
 
-def supports_iw(method: dict) -> bool:
-    return method["name"] == "esolm" and method.get("variant", "B") == "B"
-
-
 @torch.no_grad()
-def evaluate(model, method: dict, ids: np.ndarray, valid: np.ndarray, *, dataset: str = "data",
+def evaluate(model, method: Method | dict, ids: np.ndarray, valid: np.ndarray, *, dataset: str = "data",
              batch_size: int = 16, iw_ks: Sequence[int] = (), iw_alpha0: float | None = None,
              iw_chunk: int | None = None, seed: int = 0, max_batches: int | None = None) -> EvalResult:
     """NELBO (and importance-weighted) perplexity of ``model`` on token rows ``ids``/``valid``.
@@ -265,10 +262,9 @@ def evaluate(model, method: dict, ids: np.ndarray, valid: np.ndarray, *, dataset
     ``iw_alpha0`` is the alpha0 of the order distribution (default: the model's own); ``iw_chunk`` is the
     number of (order, sequence) rows per forward pass of the IW bound.
     """
-    method = normalize_method(method)
-    if iw_ks and not supports_iw(method):
-        raise UserError("the importance-weighted bound needs a causal Eso-LM (B) model "
-                        f"(this one is {method['name']}{' (A)' if method.get('variant') == 'A' else ''})")
+    method = as_method(method)
+    if iw_ks:
+        require_any_order(method, "the importance-weighted bound")
     if len(ids) == 0:
         raise UserError(f"dataset {dataset!r} has no sequences")
     device = next(model.parameters()).device
@@ -281,7 +277,7 @@ def evaluate(model, method: dict, ids: np.ndarray, valid: np.ndarray, *, dataset
         n_seq = min(len(ids), batch_size * max_batches) if max_batches is not None else len(ids)
         out = EvalResult(dataset=dataset, sequences=n_seq, tokens=res.tokens, nelbo=res.nelbo,
                          perplexity=res.perplexity, terms=res.terms)
-        a0 = method.get("alpha0", 1.0) if iw_alpha0 is None else float(iw_alpha0)
+        a0 = (method.alpha0 if iw_alpha0 is None else check_alpha0(iw_alpha0, "iw_alpha0")) if iw_ks else None
         for k in iw_ks:
             gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * int(k))
             total, count = 0.0, 0

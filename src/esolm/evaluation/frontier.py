@@ -77,15 +77,6 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return Path(spec.rstrip("/")).name or spec, spec
 
 
-def _describe(method: dict) -> str:
-    name = method["name"]
-    if name == "esolm":
-        return f"Eso-LM ({method.get('variant', 'B')}) alpha0={method['alpha0']:g}"
-    if name == "bd3lm":
-        return f"BD3-LM L'={method['block_size']}"
-    return {"ar": "AR", "mdlm": "MDLM"}[name]
-
-
 def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: list[float] | None = None,
                  num_samples: int = 32, batch_size: int | None = None, top_p: float | None = 0.9, seed: int = 0,
                  sampler: str = "auto", tokenizer_name: str | None = None, judge=None, featurizer=None,
@@ -102,8 +93,8 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
     for label, path in models:
         loaded = load_model(path, tokenizer_name, device=device)
         model, method, tok = loaded.model, loaded.method, loaded.tokenizer
-        name = method["name"]
-        train_a0 = method.get("alpha0")
+        name = method.name
+        train_a0 = getattr(method, "alpha0", None)
         a0_list = (alpha0s or [train_a0]) if name == "esolm" else [None]
         step_list: list[int | None] = [None] if name == "ar" else list(steps)
         if warmup:
@@ -127,7 +118,7 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
                 gen_ppl = judge.perplexity(texts) if judge is not None else None
                 mauve = metrics.mauve_score(featurizer(texts), ref) if featurizer is not None else None
                 ent = metrics.unigram_entropy([r["token_ids"] for r in rows])
-                p = FrontierPoint(label=label, description=_describe(method), method=name, train_alpha0=train_a0,
+                p = FrontierPoint(label=label, description=method.label, method=name, train_alpha0=train_a0,
                                   alpha0=a0, steps=t, num_samples=len(rows), nfe=nfe, seconds=secs,
                                   seconds_per_sample=secs / len(rows), gen_ppl=gen_ppl, mauve=mauve, entropy=ent)
                 points.append(p)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from esolm.config import ModelConfig
 from esolm.errors import CheckpointError
+from esolm.methods import Method, as_method
 from esolm.model.backbone import DiT
 
 WEIGHTS_NAME = "model.safetensors"
@@ -390,7 +391,7 @@ def _unwrap(model: Any) -> DiT:
     return model
 
 
-def save_pretrained(model: DiT, path: str | os.PathLike, method: dict | None = None) -> None:
+def save_pretrained(model: DiT, path: str | os.PathLike, method: Method | dict | None = None) -> None:
     """Write ``path/model.safetensors`` and ``path/config.json``, atomically.
 
     A new folder is assembled beside ``path`` and renamed into place; an existing folder gets each file
@@ -399,6 +400,7 @@ def save_pretrained(model: DiT, path: str | os.PathLike, method: dict | None = N
     """
     path = Path(path)
     model = _unwrap(model)
+    method = as_method(method).to_dict() if method is not None else None
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict(), "method": method}
     state = _unshared_cpu_state(model)
     if path.exists() and not path.is_dir():
@@ -621,8 +623,8 @@ def load_pretrained(
     revision: str | None = None,
     cache_dir: Any = None,
     local_files_only: bool = False,
-) -> tuple[DiT, dict | None]:
-    """Load a model from any supported format; returns ``(model, method dict or None)`` in eval mode.
+) -> tuple[DiT, Method | None]:
+    """Load a model from any supported format; returns ``(model, method spec or None)`` in eval mode.
 
     ``path_or_repo``: an esolm folder, an authors' HF folder, a ``.ckpt``/``.pt`` file, a
     ``model.safetensors`` inside either kind of folder, or a Hugging Face repo id (downloaded with
@@ -645,7 +647,7 @@ def load_pretrained(
         model, method = _load_pickled(path, config, use_ema, mask_index)
     if device is not None:
         model = model.to(device)
-    return model.eval(), method
+    return model.eval(), (as_method(method) if method is not None else None)
 
 
 def from_pretrained(path_or_repo: str | os.PathLike, **kwargs) -> DiT:

@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 import torch
 
 from esolm.errors import UserError
+from esolm.methods import Method, as_method, check_alpha0, check_top_p
 from esolm.sampling.ar import sample_ar
 from esolm.sampling.bd3 import sample_bd3
 from esolm.sampling.common import StepCallback
 from esolm.sampling.esolm import sample_esolm_a, sample_esolm_b
 from esolm.sampling.mdlm import sample_mdlm
-from esolm.sampling.schedule import check_alpha0, plan_binomial, plan_one_per_step, plan_strided
+from esolm.sampling.schedule import plan_binomial, plan_one_per_step, plan_strided
 
 Tensor = torch.Tensor
 
-METHODS = ("esolm", "mdlm", "bd3lm", "ar")
 SAMPLERS = {
     "esolm": ("auto", "ancestral", "first_hitting", "strided", "subcontext"),
     "mdlm": ("auto", "ancestral", "first_hitting", "left_to_right"),
@@ -124,7 +124,7 @@ def _initial_tokens(length: int, fill: int, vocab: int, prompt_ids, infill, num_
     return x, p
 
 
-def generate(model, method: dict, num_samples: int | None = None, prompt_ids=None, infill=None,
+def generate(model, method: Method | dict, num_samples: int | None = None, prompt_ids=None, infill=None,
              steps: int | None = None, alpha0: float | None = None, top_p: float | None = None, seed: int = 0,
              batch_size: int | None = None, max_length: int | None = None, eos_id: int | None = None,
              sampler: str = "auto", trace: bool = False, greedy: bool = False, bos_id: int | None = None,
@@ -135,22 +135,20 @@ def generate(model, method: dict, num_samples: int | None = None, prompt_ids=Non
     nucleus filtering; ``greedy`` takes the argmax. ``seed`` fixes every random choice (schedule, order
     and token draws). AR models need a first token: ``prompt_ids`` or ``bos_id`` (default ``eos_id``).
     """
-    name = method.get("name")
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    method = as_method(method)
+    name = method.name
     if sampler not in SAMPLERS[name]:
         choices = ", ".join(SAMPLERS[name])
         raise UserError(f"sampler {sampler!r} does not apply to {name} (choose from {choices})")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise UserError(f"steps must be a positive integer, got {steps!r}")
-    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-        raise UserError(f"top_p must lie in (0, 1], got {top_p!r}")
+    top_p = check_top_p(top_p)
     cfg = model.config
     length = int(max_length) if max_length is not None else cfg.length
     if not 1 <= length <= cfg.length:
         raise UserError(f"max_length must lie in [1, {cfg.length}] (the model's length), got {max_length!r}")
     if name == "esolm":
-        a0 = check_alpha0(method.get("alpha0", 1.0) if alpha0 is None else alpha0)
+        a0 = method.alpha0 if alpha0 is None else check_alpha0(alpha0)
     elif alpha0 is not None:
         check_alpha0(alpha0)
         raise UserError(f"alpha0 applies to Eso-LM only, not to {name}")
@@ -192,14 +190,14 @@ def generate(model, method: dict, num_samples: int | None = None, prompt_ids=Non
                         raise UserError("the strided (subcontext) schedule decodes everything by diffusion: "
                                          "use alpha0=1")
                     plan = plan_strided(free, steps or length, generator=plan_gen)
-                fn = sample_esolm_a if method.get("variant", "B") == "A" else sample_esolm_b
+                fn = sample_esolm_a if method.variant == "A" else sample_esolm_b
                 outs.append(fn(model, xb, plan, **kw))
             elif name == "mdlm":
                 s = "ancestral" if sampler == "auto" else sampler
                 outs.append(sample_mdlm(model, xb, steps=steps, sampler=s, plan_generator=plan_gen, **kw))
             elif name == "bd3lm":
                 s = "ancestral" if sampler == "auto" else sampler
-                outs.append(sample_bd3(model, xb, int(method["block_size"]), steps=steps, sampler=s,
+                outs.append(sample_bd3(model, xb, method.block_size, steps=steps, sampler=s,
                                        plan_generator=plan_gen, **kw))
             else:
                 outs.append(sample_ar(model, xb, prompt_len, **kw))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from esolm.errors import UserError
+from esolm.methods import check_top_p
 
 Tensor = torch.Tensor
 
@@ -27,10 +27,9 @@ def mask_logit(logits: Tensor, mask_id: int | None) -> Tensor:
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of tokens whose probability reaches ``top_p`` (at least one); float64."""
-    if not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must lie in (0, 1], got {top_p!r}")
+    top_p = check_top_p(top_p)
     logits = logits.to(torch.float64)
-    if top_p >= 1.0:
+    if top_p is None:
         return logits
     sorted_logits, idx = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)

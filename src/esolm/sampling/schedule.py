@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from esolm.errors import UserError
+from esolm.methods import check_alpha0
 
 Tensor = torch.Tensor
 
@@ -60,13 +61,6 @@ class Plan:
 
     def to(self, device) -> Plan:
         return Plan(self.order.to(device), list(self.counts), self.n_given, self.n_diffusion)
-
-
-def check_alpha0(alpha0: float) -> float:
-    a = float(alpha0)
-    if not 0.0 <= a <= 1.0:
-        raise UserError(f"alpha0 must lie in [0, 1], got {alpha0!r}")
-    return a
 
 
 def binomial_counts(n: int, steps: int, alpha0: float, generator: torch.Generator | None = None) -> list[int]:

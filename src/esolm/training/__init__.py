@@ -43,6 +43,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from esolm.data import DataSplits, ResumableBatchSampler, build_datasets, default_cache_dir
 from esolm.data.tokenizers import Tokenizer, get_tokenizer
 from esolm.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
+from esolm.methods import Method, as_method
 from esolm.model.backbone import DiT
 from esolm.objectives import LossOutput, build_objective
 from esolm.recipes import RunConfig
@@ -167,7 +168,7 @@ class LitEsoLM(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer_json"])
         self.cfg = RunConfig.from_dict(config)
-        self.method = self.cfg.method_dict()
+        self.method = self.cfg.method_spec()
         self.model = DiT(self.cfg.model_config(vocab_size, mask_id))
         self.objective = build_objective(self.method)
         self.tokenizer_json, self.tokenizer_meta = tokenizer_json, tokenizer_meta or {}
@@ -286,7 +287,7 @@ class LitEsoLM(pl.LightningModule):
 
     # checkpoint extras ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["esolm"] = {"consumed": self.consumed, "method": self.method,
+        checkpoint["esolm"] = {"consumed": self.consumed, "method": self.method.to_dict(),
                                "tokenizer_json": self.tokenizer_json, "tokenizer_meta": self.tokenizer_meta}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -459,7 +460,7 @@ def train(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepared | Non
 
 # -- export ----------------------------------------------------------------------------------------------------
 
-def model_from_checkpoint(path: str | os.PathLike) -> tuple[DiT, dict, Tokenizer, dict]:
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[DiT, Method, Tokenizer, dict]:
     """(DiT with the EMA weights, method dict, tokenizer, run config dict) of a training checkpoint."""
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -478,4 +479,4 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[DiT, dict, Tokenizer
     meta = extra["tokenizer_meta"]
     tok = Tokenizer(HFTokenizer.from_str(extra["tokenizer_json"]), meta["name"], meta["mask_id"],
                     meta["eos_id"], meta["bos_id"], meta.get("pad_id"))
-    return model.eval(), extra["method"], tok, hp["config"]
+    return model.eval(), as_method(extra["method"]), tok, hp["config"]
