@@ -84,3 +84,20 @@ def test_round_trip_through_dict():
     assert back == cfg and yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
     with pytest.raises(ConfigError):
         apply_overrides(RunConfig(), ["novalue"])
+
+
+def test_model_section_is_a_subset_of_model_config():
+    """The recipe's model section names ModelConfig fields with the same types (no second architecture spec)."""
+    import dataclasses
+    import typing
+
+    from esolm.config import ModelConfig
+    from esolm.recipes import ModelSection
+
+    section = typing.get_type_hints(ModelSection)
+    config = typing.get_type_hints(ModelConfig)
+    assert set(section) <= set(config) - {"vocab_size", "mask_id", "length"}
+    assert all(section[k] == config[k] for k in section)
+    cfg = resolve("cpu-tiny").model_config(vocab_size=50, mask_id=49)
+    assert all(getattr(cfg, f.name) == getattr(resolve("cpu-tiny").model, f.name)
+               for f in dataclasses.fields(ModelSection))

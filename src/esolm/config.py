@@ -6,11 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from esolm.errors import ConfigError  # noqa: F401 - also importable as esolm.config.ConfigError
-
-ATTENTION_MODES = ("causal", "bidirectional", "prefix")
-
-
+from esolm.errors import ConfigError
 
 
 @dataclass

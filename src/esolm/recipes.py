@@ -37,6 +37,9 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 @dataclass
 class ModelSection:
+    """The architecture fields of :class:`~esolm.config.ModelConfig` a recipe chooses (paper-size defaults);
+    vocabulary and mask id come from the tokenizer, the length from ``data.length``."""
+
     hidden_size: int = 768
     n_layers: int = 12
     n_heads: int = 12
@@ -147,11 +150,8 @@ class RunConfig:
         return as_method(self.method.to_method())
 
     def model_config(self, vocab_size: int, mask_id: int | None) -> ModelConfig:
-        m = self.model
         return model_config_for(self.method_spec(), vocab_size=vocab_size, mask_id=mask_id,
-                                hidden_size=m.hidden_size, cond_dim=m.cond_dim, n_layers=m.n_layers,
-                                n_heads=m.n_heads, length=self.data.length, dropout=m.dropout,
-                                mlp_ratio=m.mlp_ratio)
+                                length=self.data.length, **dataclasses.asdict(self.model))
 
     @property
     def world_size(self) -> int:

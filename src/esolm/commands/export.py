@@ -29,6 +29,6 @@ def run(args) -> int:
     tmp = out / ".training_config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     tmp.replace(out / "training_config.yaml")
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_parameters()
     print(f"exported {args.checkpoint} -> {out} ({as_method(method).label}, {n_params} parameters, EMA weights)")
     return 0

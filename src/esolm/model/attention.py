@@ -34,9 +34,6 @@ class KVCache:
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
 
-    def reset(self) -> None:
-        self.length = 0
-
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this layer's new keys/values after the cached ones; return all visible keys/values."""
         n = k.shape[-2]
@@ -55,10 +52,3 @@ class KVCache:
         if n < 0 or self.length + n > self.max_len:
             raise ValueError(f"cannot commit {n} tokens to a cache holding {self.length}/{self.max_len}")
         self.length += n
-
-    def select(self, index: Tensor) -> None:
-        """Keep only the batch rows in ``index`` (e.g. to drop finished sequences)."""
-        for i in range(self.n_layers):
-            if self.k[i] is not None:
-                self.k[i] = self.k[i].index_select(0, index)
-                self.v[i] = self.v[i].index_select(0, index)
