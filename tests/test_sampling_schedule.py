@@ -13,6 +13,7 @@ from esolm.sampling import (
     plan_binomial,
     plan_one_per_step,
     plan_strided,
+    sample_esolm_b,
     top_p_filter,
 )
 
@@ -79,7 +80,113 @@ def test_strided_schedule_positions():
     plan = plan_strided(torch.ones(2, L, dtype=torch.bool), 4)
     assert plan.counts == [4, 4, 4, 4]
     for j, (lo, hi) in enumerate(plan.bounds()):
-        assert sorted(plan.order[0, lo:hi].tolist()) == [j, j + 4, j + 8, j + 12]
+        assert plan.order[0, lo:hi].tolist() == [j, j + 4, j + 8, j + 12]
+
+
+@pytest.mark.parametrize("steps,alpha0,nfe", [
+    (4, 1.0, 4),  # alpha0 = 1: one call per stride
+    (4, 0.5, 10),  # d = 8 fills 2 strides of 4, then 8 left-to-right calls
+    (4, 0.25, 13),  # one stride, then 12
+    (4, 0.0, L),  # pure left to right
+    (3, 0.5, 2 + 8),  # strides of 6, 5, 5: d = 8 takes one whole stride and 2 of the next
+    (3, 1.0, 3),
+    (16, 1.0, 16),
+    (32, 1.0, 16),  # more strides than positions: empty strides cost nothing
+    (4, 0.4, 2 + 10),  # d = round(6.4) = 6
+])
+def test_strided_nfe(steps, alpha0, nfe):
+    for shuffle in (False, True):
+        plan = plan_strided(torch.ones(3, L, dtype=torch.bool), steps, alpha0, shuffle, torch.Generator())
+        assert plan.nfe == nfe
+        assert plan.n_diffusion == int(alpha0 * L + 0.5) and sum(plan.counts) == L
+        assert plan.counts[len(plan.counts) - plan.n_sequential:] == [1] * plan.n_sequential
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_strided_decodes_every_position_once_stride_by_stride(shuffle):
+    free = torch.ones(5, L, dtype=torch.bool)
+    free[:, [0, 6]] = False
+    plan = plan_strided(free, 4, 0.5, shuffle, torch.Generator().manual_seed(2))
+    assert plan.n_given == 2 and plan.n_diffusion == 7
+    for row in plan.order:
+        assert sorted(row.tolist()) == list(range(L)) and row[:2].tolist() == [0, 6]
+        diffusion_steps = [lo for lo, _ in plan.bounds()][:plan.nfe - plan.n_sequential]
+        for lo in diffusion_steps:  # each diffusion call decodes (part of) one residue class
+            hi = lo + plan.counts[diffusion_steps.index(lo)]
+            assert (row[lo:hi] % 4 == row[lo] % 4).all()
+        tail = row[2 + plan.n_diffusion:].tolist()
+        assert tail == sorted(tail)
+
+
+def test_strided_shuffle_permutes_within_strides_and_strides():
+    free = torch.ones(64, L, dtype=torch.bool)
+    plain = plan_strided(free, 4, 1.0, False, torch.Generator().manual_seed(0))
+    for lo, hi in plain.bounds():
+        block = plain.order[:, lo:hi]
+        assert torch.equal(block, block.sort(dim=1).values)  # no shuffle: ascending within each stride
+    assert (plain.order[:, [0, 4, 8, 12]] == torch.arange(4)).all()  # and strides in order 0, 1, 2, 3
+    firsts, unsorted = set(), 0
+    for seed in range(8):
+        plan = plan_strided(free, 4, 1.0, True, torch.Generator().manual_seed(seed))
+        assert plan.counts == [4, 4, 4, 4]
+        firsts.add(int(plan.order[0, 0]) % 4)
+        for lo, hi in plan.bounds():
+            block = plan.order[:, lo:hi]
+            assert (block % 4 == block[:, :1] % 4).all()  # a whole stride, shared by the batch
+            unsorted += int((block != block.sort(dim=1).values).any(dim=1).sum())
+    assert len(firsts) > 1  # the order of the strides changes with the seed
+    assert unsorted > 0.9 * 8 * 4 * 64  # within a stride, 23 of 24 orders are not ascending
+
+
+def test_strided_plan_is_seeded():
+    free = torch.ones(4, L, dtype=torch.bool)
+    a = plan_strided(free, 4, 0.5, True, torch.Generator().manual_seed(5))
+    b = plan_strided(free, 4, 0.5, True, torch.Generator().manual_seed(5))
+    c = plan_strided(free, 4, 0.5, True, torch.Generator().manual_seed(6))
+    assert a.counts == b.counts and torch.equal(a.order, b.order) and not torch.equal(a.order, c.order)
+    model = tiny_model()
+    method = {"name": "esolm", "variant": "B", "alpha0": 1.0}
+    kw = dict(num_samples=3, steps=4, alpha0=0.5, sampler="strided", shuffle=True, trace=True)
+    x, y = generate(model, method, seed=3, **kw), generate(model, method, seed=3, **kw)
+    assert torch.equal(x.tokens, y.tokens) and x.nfe == 10 and not (x.tokens == M).any()
+    for row in range(3):
+        assert sorted(torch.cat([s[row] for s in x.trace[0]]).tolist()) == list(range(L))
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_strided_generate_alpha0_below_one(variant):
+    model = tiny_model()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    out = generate(model, {"name": "esolm", "variant": variant, "alpha0": 0.5}, num_samples=2, steps=4,
+                   sampler="subcontext", shuffle=True, prompt_ids=[1, 2], seed=0)
+    assert out.nfe == len(calls) == 2 + 7  # 14 free: d = 7 over strides of 4 and 3, then 7 calls
+    assert (out.tokens[:, :2] == torch.tensor([1, 2])).all() and not (out.tokens == M).any()
+
+
+def test_strided_cached_equals_uncached_float64():
+    """A strided plan with alpha0 < 1 (shuffled, with a prompt): every cached step's logits equal the
+    uncached causal pass over the sorted sequence, in float64."""
+    model = tiny_model().double()
+    x = torch.full((3, L), M, dtype=torch.long)
+    x[:, :3] = torch.tensor([4, 5, 6])
+    plan = plan_strided(x == M, 4, 0.5, True, torch.Generator().manual_seed(1))
+    assert plan.n_diffusion == 7 and plan.n_sequential == 6  # round(0.5 * 13) = 7 (halves up)
+    runs = []
+    for use_cache in (True, False):
+        steps = []
+
+        def record(k, lo, hi, logits, tokens, steps=steps):
+            steps.append(logits.clone())
+
+        out = sample_esolm_b(model, x, plan, generator=torch.Generator().manual_seed(2), use_cache=use_cache,
+                             step_callback=record)
+        runs.append((out, steps))
+    (a, sa), (b, sb) = runs
+    assert a.nfe == b.nfe == plan.nfe == len(sa) == len(sb) and torch.equal(a.tokens, b.tokens)
+    for la, lb in zip(sa, sb):
+        assert la.dtype == torch.float64
+        torch.testing.assert_close(la, lb, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("method,sampler", [
@@ -184,12 +291,13 @@ def test_draw_never_returns_mask_and_follows_softmax():
 
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(prompt_ids=list(range(L + 1))), "longer than"),
-    (dict(infill={L: 1}), "outside"),
-    (dict(infill={-1: 1}), "outside"),
+    (dict(infill={L: 1}), "infill position"),
+    (dict(infill={-1: 1}), "infill position"),
     (dict(alpha0=1.5), "alpha0"),
     (dict(alpha0=-0.1), "alpha0"),
     (dict(max_length=L + 1), "max_length"),
     (dict(sampler="nope"), "sampler"),
+    (dict(shuffle=True), "shuffle"),
 ])
 def test_user_errors_are_one_line_value_errors(kwargs, msg):
     model = tiny_model()

@@ -8,6 +8,8 @@ Each token of ``x0`` is kept with probability ``alpha_t`` and replaced by the ma
 ``alpha0 = 1`` is MDLM's schedule; Eso-LM scales it by ``alpha0`` so that the diffusion phase leaves
 each token clean with probability ``alpha0`` at t -> 0. The MDM term of the negative ELBO weighs the
 log-likelihood of each masked token by ``alpha'_t / (1 - alpha_t)`` (negative, so the term is positive).
+The samplers walk the same schedule with ``eps = 0`` (``alpha_t = alpha0 (1 - t)`` on the grid
+``t = k / T``, METHOD.md sections 5 and 6) through :meth:`LogLinearSchedule.reveal_prob`.
 
 Training times are drawn with low-discrepancy ("antithetic") sampling over the *global* batch of ``n``
 values: one uniform ``u`` shared by every process, ``t_i = (u / n + i / n) mod 1`` (one value in each
@@ -27,11 +29,14 @@ Tensor = torch.Tensor
 EPS = 1e-3
 
 
-def uniform(shape, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """``U[0, 1)`` float32 draws from ``generator`` (on the generator's device), moved to ``device``."""
+def uniform(shape, generator: torch.Generator | None = None, device=None,
+            dtype: torch.dtype = torch.float32) -> Tensor:
+    """``U[0, 1)`` draws of ``dtype`` from ``generator`` (on the generator's device), moved to ``device``.
+
+    The one source of uniforms for noise, times and orders, so a seed fixes all of them."""
     if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+        return torch.rand(shape, device=device, dtype=dtype)
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,12 @@ class LogLinearSchedule:
 
     def mask_prob(self, t: Tensor) -> Tensor:
         return 1.0 - self.alpha(t)
+
+    def reveal_prob(self, t, s):
+        """``(alpha_s - alpha_t) / (1 - alpha_t)``: probability that a token masked at ``t`` is clean at
+        ``s < t`` (the ancestral step of the reverse process). Floats or tensors."""
+        a_t, a_s = self.alpha(t), self.alpha(s)
+        return (a_s - a_t) / (1.0 - a_t)
 
     def weight(self, t: Tensor) -> Tensor:
         """MDM ELBO weight ``alpha'_t / (1 - alpha_t)`` (<= 0); exactly 0 when ``alpha0 = 0``."""

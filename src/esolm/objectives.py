@@ -8,7 +8,7 @@ dataset (:meth:`LossOutput.merge`) gives the exact dataset-level NELBO.
 Conventions shared by all objectives:
 
 * **carry-over**: only masked positions contribute; clean positions are copied, not predicted;
-* **zero-masking**: the mask logit is set to -1e6 before the (float32) log-softmax;
+* **zero-masking**: the mask logit is set to -1e6 before the log-softmax (float32, or float64 for a float64 model);
 * **padding** (``valid`` False): padded tokens are never masked, never counted, and are hidden from
   every other token's attention (a padded query only sees itself), so their content cannot matter;
 * the model's train/eval mode is used as is (dropout); objectives never change it. ``obj.train()`` /
@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from esolm.errors import UserError
 from esolm.methods import Method, as_method
 from esolm.model import masks
+from esolm.model.backbone import at_least_fp32
 from esolm.noise import EPS, LogLinearSchedule, antithetic_times, uniform
+from esolm.orders import sort_clean_first
 
 Tensor = torch.Tensor
 
@@ -99,8 +101,9 @@ class LossOutput:
 
 
 def token_nll(logits: Tensor, targets: Tensor, mask_id: int | None) -> Tensor:
-    """Per-token ``-log p(target)`` in float32, with zero-masking (mask logit -1e6)."""
-    logits = logits.float()
+    """Per-token ``-log p(target)`` in float32 (float64 for float64 logits), with zero-masking (mask logit
+    -1e6)."""
+    logits = at_least_fp32(logits)
     if mask_id is not None:
         logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), MASK_LOGIT)
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
@@ -114,19 +117,6 @@ def hide_padding(mask: Tensor, key_valid: Tensor | None) -> Tensor | None:
     eye = torch.eye(s, dtype=torch.bool, device=key_valid.device)[None, None]
     base = mask if mask is not None else torch.ones(1, 1, s, s, dtype=torch.bool, device=key_valid.device)
     return (base & key_valid[:, None, None, :]) | eye
-
-
-def sort_clean_first(is_mask: Tensor, generator: torch.Generator | None, shuffle_clean: bool = True,
-                     shuffle_masks: bool = True) -> Tensor:
-    """``sort_idx`` [B, L] (sorted position -> original position): clean tokens first, then masks.
-
-    Shuffled groups use the authors' key ``is_mask + 0.9 * U(0, 1)``; unshuffled groups keep ascending
-    original order."""
-    b, n = is_mask.shape
-    ramp = (torch.arange(n, device=is_mask.device, dtype=torch.float32) / n).expand(b, n)
-    noise = 0.9 * uniform((b, n), generator, is_mask.device) if (shuffle_clean or shuffle_masks) else ramp
-    within = torch.where(is_mask, noise if shuffle_masks else ramp, noise if shuffle_clean else ramp)
-    return torch.argsort(is_mask.float() + within, dim=1, stable=True)
 
 
 def _valid(x0: Tensor, valid: Tensor | None) -> Tensor | None:
@@ -151,7 +141,12 @@ def _mask_id(model) -> int:
 
 
 class Objective:
-    """Base class: ``obj(model, x0, valid=None, generator=None, rank=0, world_size=1) -> LossOutput``."""
+    """Base class: ``obj(model, x0, valid=None, generator=None, rank=0, world_size=1, time_generator=None)
+    -> LossOutput``.
+
+    ``time_generator`` (default: ``generator``) draws only the antithetic time offset ``u``; under DDP it is
+    seeded alike on every rank, so the ranks' time slices form one stratified global batch, while
+    ``generator`` (masks, orders) can differ per rank."""
 
     def __init__(self, method: Method | dict):
         self.method = as_method(method)
@@ -165,10 +160,12 @@ class Objective:
         return self.train(False)
 
     def __call__(self, model, x0: Tensor, valid: Tensor | None = None,
-                 generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1) -> LossOutput:
-        return self.forward(model, x0, _valid(x0, valid), generator, rank, world_size)
+                 generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1,
+                 time_generator: torch.Generator | None = None) -> LossOutput:
+        times = generator if time_generator is None else time_generator
+        return self.forward(model, x0, _valid(x0, valid), generator, rank, world_size, times)
 
-    def forward(self, model, x0, valid, generator, rank, world_size) -> LossOutput:  # pragma: no cover
+    def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -180,7 +177,7 @@ class Objective:
 class ARObjective(Objective):
     """Next-token prediction: ``x0[:, :-1] -> x0[:, 1:]`` under a causal mask (tokens: L - 1 per row)."""
 
-    def forward(self, model, x0, valid, generator, rank, world_size) -> LossOutput:
+    def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
         inp, tgt = x0[:, :-1], x0[:, 1:]
         mask = masks.causal(inp.shape[1], x0.device)
         tv = None
@@ -199,7 +196,8 @@ class ARObjective(Objective):
 
 
 def mdm_term(model, x0: Tensor, valid: Tensor | None, generator, rank: int, world_size: int,
-             schedule: LogLinearSchedule, attention: str, low_var: bool) -> tuple[Tensor, Tensor]:
+             schedule: LogLinearSchedule, attention: str, low_var: bool,
+             time_generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Weighted masked-token NLL of one diffusion draw per sequence; returns (nll_sum, tokens).
 
     ``attention``: ``"bidirectional"`` (MDLM, natural order) or, on tokens sorted clean-first with the
@@ -207,7 +205,8 @@ def mdm_term(model, x0: Tensor, valid: Tensor | None, generator, rank: int, worl
     """
     b, n = x0.shape
     mask_id = _mask_id(model)
-    t = antithetic_times(b, generator, rank, world_size, device=x0.device)
+    times = generator if time_generator is None else time_generator
+    t = antithetic_times(b, times, rank, world_size, device=x0.device)
     coef = torch.ones_like(t) if low_var else -schedule.weight(t)  # -(alpha'/(1-alpha)) >= 0
     is_mask = uniform((b, n), generator, x0.device) < schedule.mask_prob(t)[:, None]
     if valid is not None:
@@ -257,10 +256,10 @@ class MDLMObjective(Objective):
     """MDLM: bidirectional DiT, natural positions, ``alpha_t = 1 - (1 - eps) t``, ELBO weight (or the
     low-variance weight -1 in training when ``low_var``)."""
 
-    def forward(self, model, x0, valid, generator, rank, world_size) -> LossOutput:
+    def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
         low_var = self.training and self.method.low_var
         term = mdm_term(model, x0, valid, generator, rank, world_size, LogLinearSchedule(1.0),
-                        "bidirectional", low_var)
+                        "bidirectional", low_var, time_generator)
         return LossOutput({"mdm": term})
 
 
@@ -270,7 +269,7 @@ class EsoLMObjective(Objective):
     def split(self, batch_size: int) -> int:
         return int(math.floor(self.method.batch_split * batch_size + 0.5))
 
-    def forward(self, model, x0, valid, generator, rank, world_size) -> LossOutput:
+    def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
         m = self.method
         k = self.split(x0.shape[0])
         attention = "causal" if m.variant == "B" else "prefix"
@@ -278,7 +277,8 @@ class EsoLMObjective(Objective):
         if k > 0:
             v = None if valid is None else valid[:k]
             out["mdm"] = mdm_term(model, x0[:k], v, generator, rank, world_size,
-                                  LogLinearSchedule(m.alpha0), attention, self.training and m.low_var)
+                                  LogLinearSchedule(m.alpha0), attention, self.training and m.low_var,
+                                  time_generator)
         if k < x0.shape[0]:
             v = None if valid is None else valid[k:]
             out["ar"] = sequential_term(model, x0[k:], v, generator, m.alpha0, m.variant)
@@ -295,9 +295,11 @@ class BD3LMObjective(Objective):
     ``[x_t ; x_0]`` with the block-diffusion mask, MDLM ELBO weight per block, natural positions.
 
     With ``clip = [beta, omega]`` the training masking rate is drawn from ``[beta, omega]`` (weight
-    ``-1 / rate``); evaluation always uses the full schedule, so it stays a bound."""
+    ``-1 / rate``); evaluation always uses the full schedule, so it stays a bound. With ``ignore_bos``
+    token 0 of every sequence (the BOS) is never masked and is left out of the token count, as in the
+    bd3lms reference; the random draws are the same either way."""
 
-    def forward(self, model, x0, valid, generator, rank, world_size) -> LossOutput:
+    def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
         b, n = x0.shape
         bs = self.method.block_size
         if n % bs:
@@ -307,17 +309,21 @@ class BD3LMObjective(Objective):
         clip = self.method.clip if self.training else None
         if clip is None:
             sched = LogLinearSchedule(1.0)
-            t = antithetic_times(b * nb, generator, rank, world_size, device=x0.device)
+            t = antithetic_times(b * nb, time_generator, rank, world_size, device=x0.device)
             rate, coef = sched.mask_prob(t), -sched.weight(t)
         else:
-            rate = antithetic_times(b * nb, generator, rank, world_size, low=clip[0], high=clip[1],
+            rate = antithetic_times(b * nb, time_generator, rank, world_size, low=clip[0], high=clip[1],
                                     device=x0.device).clamp_min(EPS)
             coef = 1.0 / rate
         rate = rate.view(b, nb).repeat_interleave(bs, dim=1)
         coef = coef.view(b, nb).repeat_interleave(bs, dim=1)
         is_mask = uniform((b, n), generator, x0.device) < rate
-        if valid is not None:
-            is_mask &= valid
+        counted = valid  # the tokens the loss is normalised by (valid ones, less the BOS)
+        if self.method.ignore_bos:
+            counted = torch.ones_like(x0, dtype=torch.bool) if valid is None else valid.clone()
+            counted[:, 0] = False
+        if counted is not None:
+            is_mask &= counted
         xt = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
         pos = torch.arange(n, device=x0.device).expand(b, n)
         mask = masks.block_diffusion(n, bs, x0.device)
@@ -326,7 +332,7 @@ class BD3LMObjective(Objective):
         logits = model(torch.cat([xt, x0], 1), positions=torch.cat([pos, pos], 1), mask=mask,
                        logits_slice=slice(0, n))
         nll = token_nll(logits, x0, mask_id) * is_mask * coef
-        return LossOutput({"mdm": (nll.sum(), _count(x0, valid))})
+        return LossOutput({"mdm": (nll.sum(), _count(x0, counted))})
 
 
 _OBJECTIVES = {"ar": ARObjective, "mdlm": MDLMObjective, "esolm": EsoLMObjective, "bd3lm": BD3LMObjective}

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from esolm.errors import UserError
+from esolm.orders import free_order
 from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
-from esolm.sampling.mdlm import ancestral_window, free_order, one_per_call_window
+from esolm.sampling.mdlm import ancestral_window, one_per_call_window
 
 Tensor = torch.Tensor
 
@@ -36,11 +37,13 @@ def block_causal_step(cache_len: int, block_ids: Tensor) -> Tensor:
 def sample_bd3(model, x: Tensor, block_size: int, *, steps: int | None = None, sampler: str = "ancestral",
                top_p=None, generator: torch.Generator | None = None,
                plan_generator: torch.Generator | None = None, greedy: bool = False, trace: bool = False,
-               step_callback: StepCallback | None = None) -> SampleResult:
+               step_callback: StepCallback | None = None, ignore_bos: bool = False) -> SampleResult:
     """Sample the masked positions of ``x`` [B, L] block by block (L must be a multiple of the block size).
 
     ``sampler``: ``"ancestral"`` (``steps`` MDLM steps per block, default the block size) or
-    ``"first_hitting"`` (one token per call, random order within the block).
+    ``"first_hitting"`` (one token per call, random order within the block). ``ignore_bos`` (a model
+    trained with ``BD3LM.ignore_bos``, which never learnt to predict token 0): position 0 must be
+    given (the BOS token), and is never sampled.
     """
     if sampler not in ("ancestral", "first_hitting"):
         raise UserError(f"unknown BD3-LM sampler {sampler!r} (ancestral, first_hitting)")
@@ -52,6 +55,8 @@ def sample_bd3(model, x: Tensor, block_size: int, *, steps: int | None = None, s
     free = tokens == mask_id
     if (free != free[:1]).any():
         raise UserError("every sample of a batch must have the same given positions")
+    if ignore_bos and bool(free[0, 0]):
+        raise UserError("this BD3-LM model ignores position 0 (ignore_bos): give the BOS token there")
     device = tokens.device
     positions = torch.arange(length, device=device).expand(b, length)
     block_of = torch.arange(length, device=device) // block_size

@@ -22,9 +22,10 @@ from collections.abc import Callable
 import torch
 
 from esolm.errors import UserError
+from esolm.noise import LogLinearSchedule, uniform
+from esolm.orders import free_order
 from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
 from esolm.sampling.draw import draw
-from esolm.sampling.schedule import random_order
 
 Tensor = torch.Tensor
 
@@ -35,12 +36,11 @@ def ancestral_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi: in
     """MDLM ancestral sampling of ``tokens[:, lo:hi]`` in place; ``call()`` returns logits [B, hi-lo, V]
     for the current tokens. Returns the number of network calls."""
     window = tokens[:, lo:hi]
+    schedule = LogLinearSchedule(1.0, eps=0.0)
     nfe = 0
     for k in range(steps, 0, -1):
-        t, s = k / steps, (k - 1) / steps
-        a_t, a_s = 1.0 - t, 1.0 - s
-        p = (a_s - a_t) / (1.0 - a_t)
-        u = torch.rand(window.shape, dtype=torch.float64, device=window.device, generator=generator)
+        p = schedule.reveal_prob(k / steps, (k - 1) / steps)
+        u = uniform(window.shape, generator, window.device, torch.float64)
         unmask = (window == mask_id) & (u < p)
         idx = unmask.nonzero(as_tuple=True)
         if idx[0].numel() == 0:
@@ -75,17 +75,6 @@ def one_per_call_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi:
         if trace is not None:
             trace.append(pos + lo)
     return order.shape[1]
-
-
-def free_order(free: Tensor, random: bool, generator: torch.Generator | None = None) -> Tensor:
-    """[B, n_free] positions of the free tokens: a random order per sample, or ascending."""
-    n_given = int((~free[0]).sum())
-    if random:
-        order = random_order(free.cpu(), free.shape[1], generator)
-    else:
-        pos = torch.arange(free.shape[1]).expand_as(free)
-        order = torch.where(free.cpu(), pos + free.shape[1], pos).argsort(dim=1)
-    return order[:, n_given:].to(free.device)
 
 
 @torch.inference_mode()

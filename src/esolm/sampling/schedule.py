@@ -2,9 +2,10 @@
 
 A :class:`Plan` is everything a sampler needs besides the network:
 
-* ``order`` [B, L]: a permutation per sample, *sorted index -> original position*. Given tokens
-  (prompt / infill) come first, then the positions decoded by the diffusion phase in a random order,
-  then the positions of the sequential phase in ascending (left-to-right) order.
+* ``order`` [B, L]: a permutation per sample, *sorted index -> original position* (built by
+  :mod:`esolm.orders`). Given tokens (prompt / infill) come first, then the positions decoded by the
+  diffusion phase (in a random order, or stride by stride), then the positions of the sequential phase
+  in ascending (left-to-right) order.
 * ``counts``: how many tokens each network call decodes, after the given prefix. Shared across the
   batch, so every sample of a batch has the same number of clean tokens at every step and the KV cache
   keeps one length for the whole batch. ``sum(counts) == L - n_given`` and ``NFE == len(counts)``.
@@ -19,12 +20,15 @@ are decoded one per step, left to right (the sequential phase). Every random cho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from esolm.errors import UserError
 from esolm.methods import check_alpha0
+from esolm.noise import LogLinearSchedule
+from esolm.orders import random_order, strided_order
 
 Tensor = torch.Tensor
 
@@ -59,9 +63,6 @@ class Plan:
             lo += n
         return out
 
-    def to(self, device) -> Plan:
-        return Plan(self.order.to(device), list(self.counts), self.n_given, self.n_diffusion)
-
 
 def binomial_counts(n: int, steps: int, alpha0: float, generator: torch.Generator | None = None) -> list[int]:
     """Diffusion-phase unmask counts for ``n`` masked tokens over ``steps`` steps, zero steps dropped.
@@ -73,15 +74,14 @@ def binomial_counts(n: int, steps: int, alpha0: float, generator: torch.Generato
     alpha0 = check_alpha0(alpha0)
     if steps < 1:
         raise UserError(f"steps must be a positive integer, got {steps!r}")
+    schedule = LogLinearSchedule(alpha0, eps=0.0)
     counts: list[int] = []
     remaining = int(n)
     total = torch.zeros(1, dtype=torch.float64)
     for k in range(steps, 0, -1):
         if remaining == 0:
             break
-        t, s = k / steps, (k - 1) / steps
-        a_t, a_s = alpha0 * (1.0 - t), alpha0 * (1.0 - s)
-        p = min(max((a_s - a_t) / (1.0 - a_t), 0.0), 1.0)
+        p = min(max(schedule.reveal_prob(k / steps, (k - 1) / steps), 0.0), 1.0)
         if p == 0.0:
             continue
         total.fill_(remaining)
@@ -92,26 +92,6 @@ def binomial_counts(n: int, steps: int, alpha0: float, generator: torch.Generato
     if alpha0 == 1.0 and remaining:
         counts.append(remaining)
     return counts
-
-
-def _uniform(shape, generator: torch.Generator | None) -> Tensor:
-    return torch.rand(shape, dtype=torch.float64, generator=generator)
-
-
-def random_order(free: Tensor, n_diffusion: int, generator: torch.Generator | None = None) -> Tensor:
-    """Per-sample order: given positions (``~free``) first, ascending; then ``n_diffusion`` free positions
-    in a uniformly random order; then the remaining free positions ascending.
-
-    ``free`` [B, L] bool must have the same number of free positions in every row.
-    """
-    b, length = free.shape
-    pos = torch.arange(length).expand(b, length)
-    u = _uniform((b, length), generator).masked_fill(~free, 2.0)
-    perm = u.argsort(dim=1)
-    rank = torch.empty_like(perm).scatter_(1, perm, pos.contiguous())
-    diffusion = free & (rank < n_diffusion)
-    key = torch.where(~free, pos, torch.where(diffusion, length + rank, 2 * length + pos))
-    return key.argsort(dim=1)
 
 
 def _free_counts(free: Tensor) -> int:
@@ -155,26 +135,29 @@ def plan_one_per_step(free: Tensor, alpha0: float, generator: torch.Generator | 
     return Plan(random_order(free, d, generator), [1] * n_free, int(free.shape[1] - n_free), d)
 
 
-def plan_strided(free: Tensor, steps: int, shuffle: bool = False,
+def plan_strided(free: Tensor, steps: int, alpha0: float = 1.0, shuffle: bool = False,
                  generator: torch.Generator | None = None) -> Plan:
-    """The "subcontext" schedule: step j decodes the free positions ``{j, j + S, j + 2S, ...}``.
+    """The "subcontext" schedule with ``S = steps`` strides (:func:`esolm.orders.strided_order`).
 
-    Every position is decoded by diffusion (this schedule has no sequential tail). With ``shuffle`` the
-    order of the ``S`` strides is random (shared by the batch, so counts stay shared).
+    Stride ``j`` holds the free positions ``{j, j + S, j + 2S, ...}``. The diffusion phase decodes the
+    first ``d = round(alpha0 * n_free)`` (halves up) positions of the strided order, one stride per
+    network call (the last stride it reaches may be cut short); the sequential phase then decodes the
+    other ``n_free - d`` positions one per call, left to right. So ``NFE = (strides reached) + n_free - d``:
+    with ``alpha0 = 1`` it is the number of non-empty strides, ``S`` unless given tokens fill a whole
+    stride (no tail); with ``L = 16, S = 4, alpha0 = 0.5``,
+    ``d = 8`` fills two strides of 4 and ``NFE = 2 + 8 = 10``. ``shuffle`` randomises the order of the
+    strides and the order within each stride, as the authors' ``subcontext_shuffle``.
     """
+    alpha0 = check_alpha0(alpha0)
     if steps < 1:
         raise UserError(f"steps must be a positive integer, got {steps!r}")
-    b, length = free.shape
     n_free = _free_counts(free)
-    if (free != free[:1]).any():
-        raise UserError("the strided schedule needs the same given positions in every sample")
-    stride_rank = torch.arange(steps)
-    if shuffle:
-        stride_rank = _uniform((steps,), generator).argsort().argsort()
-    pos = torch.arange(length)
-    step_of = stride_rank[pos % steps]
-    key = torch.where(free[0], length + step_of * length + pos, pos)
-    order = key.argsort().expand(b, length).contiguous()
-    counts = torch.bincount(step_of[free[0]], minlength=steps).tolist()
-    counts = [c for c in counts if c > 0]
-    return Plan(order, counts, length - n_free, n_free)
+    d = int(math.floor(alpha0 * n_free + 0.5))
+    order, sizes = strided_order(free, steps, d, shuffle, generator)
+    counts, left = [], d
+    for size in sizes:
+        if left == 0:
+            break
+        counts.append(min(size, left))
+        left -= counts[-1]
+    return Plan(order, counts + [1] * (n_free - d), free.shape[1] - n_free, d)
