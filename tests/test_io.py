@@ -1,6 +1,7 @@
 """Weights in and out: esolm folders, the authors' Lightning / Hugging Face / fixture checkpoints."""
 
 import json
+import os
 import pickle
 
 import pytest
@@ -12,7 +13,6 @@ from esolm import io
 from esolm.config import ModelConfig
 from esolm.io import (
     CheckpointError,
-    from_pretrained,
     load_authors_state_dict,
     load_pretrained,
     save_pretrained,
@@ -89,7 +89,7 @@ def test_wrapped_models_save_their_own_keys(tmp_path):
     wrapper = torch.nn.Module()
     wrapper.module = model  # what DDP-style wrappers look like
     save_pretrained(wrapper, tmp_path / "m")
-    _state_equal(model, from_pretrained(tmp_path / "m"))
+    _state_equal(model, DiT.from_pretrained(tmp_path / "m"))
     with pytest.raises(CheckpointError, match="expects an esolm DiT"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
 
@@ -106,14 +106,14 @@ def test_pt_file_with_esolm_config(tmp_path):
 def test_bf16_round_trip_keeps_precision(tmp_path):
     model = random_dit().to(torch.bfloat16)
     save_pretrained(model, tmp_path / "m")
-    _state_equal(model, from_pretrained(tmp_path / "m"))
+    _state_equal(model, DiT.from_pretrained(tmp_path / "m"))
 
 
 def test_shared_storage_is_saved_as_separate_tensors(tmp_path):
     model = random_dit()
     model.output_layer.linear.weight = model.vocab_embed.embedding  # [V, d] both: tie them
     save_pretrained(model, tmp_path / "m")
-    loaded = from_pretrained(tmp_path / "m")
+    loaded = DiT.from_pretrained(tmp_path / "m")
     assert torch.equal(loaded.output_layer.linear.weight, model.vocab_embed.embedding)
     assert loaded.output_layer.linear.weight.data_ptr() != loaded.vocab_embed.embedding.data_ptr()
 
@@ -122,7 +122,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "save_file", boom)
+    monkeypatch.setattr(io.pretrained, "save_file", boom)
     with pytest.raises(OSError):
         save_pretrained(random_dit(), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -150,7 +150,7 @@ def test_weights_of_another_architecture(tmp_path):
 
 
 def test_missing_path_and_unknown_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_pretrained(tmp_path / "nope")
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "config.json").write_text('{"hello": 1}')
@@ -232,7 +232,7 @@ def test_load_authors_state_dict_errors():
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
 def test_fixture_files_load_through_from_pretrained(path):
     fx = torch.load(path, weights_only=True)
-    model = from_pretrained(path)
+    model = DiT.from_pretrained(path)
     assert isinstance(model, DiT)
     for k, v in fx["state_dict"].items():
         assert torch.equal(model.state_dict()[k], v)
@@ -243,7 +243,7 @@ def test_bare_state_dict_needs_a_config(tmp_path):
     torch.save(fx["state_dict"], tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="pass config="):
         load_pretrained(tmp_path / "w.pt")
-    model = from_pretrained(tmp_path / "w.pt", config=fx["config"], mask_index=fx["mask_index"])
+    model = DiT.from_pretrained(tmp_path / "w.pt", config=fx["config"], mask_index=fx["mask_index"])
     assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
 
 
@@ -325,7 +325,7 @@ def test_lightning_checkpoint_without_running_pickled_code(tmp_path, monkeypatch
         assert torch.equal(p, s), name
     assert torch.equal(model.rotary_emb.inv_freq, fx["state_dict"]["rotary_emb.inv_freq"])
 
-    raw_model = from_pretrained(tmp_path / "last.ckpt", use_ema=False)
+    raw_model = DiT.from_pretrained(tmp_path / "last.ckpt", use_ema=False)
     assert (_diffusion_logits(raw_model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
     assert not FakeTokenizer.ran
 
@@ -337,7 +337,7 @@ def test_lightning_checkpoint_with_unrecoverable_config(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_pretrained(tmp_path / "last.ckpt")
     assert "pass config=" in _one_line(info)
-    model = from_pretrained(tmp_path / "last.ckpt", config=_fixture_config(fx), use_ema=False)
+    model = DiT.from_pretrained(tmp_path / "last.ckpt", config=_fixture_config(fx), use_ema=False)
     assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
 
 
@@ -348,7 +348,7 @@ def test_ema_of_wrong_size_is_refused(tmp_path):
     torch.save(ckpt, tmp_path / "x.ckpt")
     with pytest.raises(CheckpointError, match="EMA holds 1 tensors"):
         load_pretrained(tmp_path / "x.ckpt")
-    assert from_pretrained(tmp_path / "x.ckpt", use_ema=False) is not None
+    assert DiT.from_pretrained(tmp_path / "x.ckpt", use_ema=False) is not None
 
 
 # ------------------------------------------------------------------ authors' Hugging Face layout
@@ -499,7 +499,7 @@ def test_pickled_calls_are_never_executed(tmp_path):
     base = {"state_dict": fx["state_dict"], "config": fx["config"], "vocab_size": fx["vocab_size"],
             "mask_index": fx["mask_index"]}
     torch.save({**base, "extra": Payload(_evil, "ran")}, tmp_path / "a.ckpt")
-    assert from_pretrained(tmp_path / "a.ckpt") is not None
+    assert DiT.from_pretrained(tmp_path / "a.ckpt") is not None
     assert EVIL_RAN == []
     extra = io.read_checkpoint(tmp_path / "a.ckpt")["extra"]
     assert isinstance(extra, io.InertObject) and extra.qualname.endswith("_evil") and extra.args == ("ran",)
@@ -518,3 +518,240 @@ def test_corrupt_pickle_checkpoint_is_one_line_error(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_pretrained(tmp_path / "c.ckpt")
     assert "c.ckpt" in _one_line(info)
+
+
+# ------------------------------------------------------------------ one loader: every format, every entry point
+
+
+WORDS = "the a river city old new king music war north south early modern language people land sea".split()
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory):
+    """One Eso-LM (B) network saved in every format esolm reads, plus a tokenizer and a small text file."""
+    import random
+
+    omegaconf = pytest.importorskip("omegaconf")  # in the dev extra
+    from esolm.data.tokenizers import train_bpe
+    from esolm.methods import model_config_for
+    from esolm.recipes import resolve
+
+    root = tmp_path_factory.mktemp("formats")
+    rng = random.Random(0)
+    texts = ["\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(2))
+             for _ in range(60)]
+    (root / "docs.txt").write_text("\n\n".join(texts) + "\n")
+    tok = train_bpe(texts, vocab_size=300, name="tiny-bpe")
+    tok.save(root / "tok")
+    method = {"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.5, "low_var": False}
+    cfg = model_config_for(method, vocab_size=tok.vocab_size, mask_id=tok.mask_id, hidden_size=32, cond_dim=16,
+                           n_layers=2, n_heads=2, length=16)
+    torch.manual_seed(3)
+    model = DiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    ema = {k: v * 0.5 if k in params else v for k, v in state.items()}  # EMA weights, where a format has them
+    out = {}
+
+    run = resolve("cpu-tiny", ["data.length=16", "method.batch_split=0.5"]).to_dict()
+    run["data"].update(source=str(root / "docs.txt"), val_fraction=0.5, max_documents=16)
+    torch.save({"epoch": 0, "global_step": 4,
+                "state_dict": {f"model.{k}": v for k, v in ema.items()},
+                "current_model_state": {f"model.{k}": v for k, v in state.items()},
+                "hyper_parameters": {"config": run, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id,
+                                     "tokenizer_meta": tok.meta()},
+                "esolm": {"consumed": 4, "method": method, "tokenizer_json": tok.backend.to_str(),
+                          "tokenizer_meta": tok.meta()}}, root / "train.ckpt")
+    out["training_ckpt"] = dict(path=root / "train.ckpt", state=ema, raw=state, tokenizer=True, recipe=True)
+
+    save_pretrained(model, root / "export", method=method, tokenizer=tok, recipe=run)
+    out["esolm_folder"] = dict(path=root / "export", state=state, tokenizer=True, recipe=True)
+
+    hydra = {"model": {"hidden_size": 32, "cond_dim": 16, "n_blocks": 2, "n_heads": 2, "length": 16, "dropout": 0.0},
+             "algo": {"name": "esolm", "diffusion_attn_mode": "causal", "alpha_0": 0.25, "batch_split": 0.5}}
+    backbone = {f"backbone.{k}": v for k, v in state.items()}
+    # (mask_index: this tokenizer's mask is not the authors' default, the last id)
+    torch.save({"state_dict": backbone, "ema": {"shadow_params": [ema[n] for n, _ in model.named_parameters()]},
+                "hyper_parameters": {"config": omegaconf.OmegaConf.create(hydra), "tokenizer": FakeTokenizer(["a"])},
+                "mask_index": tok.mask_id}, root / "authors.ckpt")
+    out["lightning_ckpt"] = dict(path=root / "authors.ckpt", state=ema, raw=state)
+
+    torch.save({"state_dict": state, "config": hydra, "vocab_size": tok.vocab_size, "mask_index": tok.mask_id},
+               root / "fixture.pt")
+    out["fixture_pt"] = dict(path=root / "fixture.pt", state=state)
+
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text(json.dumps({
+        "model_type": "EsoLM", "vocab_size": tok.vocab_size, "mask_index": tok.mask_id, "model_length": 16,
+        "hidden_size": 32, "cond_dim": 16, "n_blocks": 2, "n_heads": 2, "dropout": 0.0,
+        "_name_or_path": "sahoo-diffusion/Eso-LM-B-alpha-0_25"}))
+    save_file({k: v.contiguous() for k, v in backbone.items()}, str(root / "hf" / "model.safetensors"))
+    out["hf_folder"] = dict(path=root / "hf", state=state)
+    out["hf_repo"] = dict(path="sahoo-diffusion/Eso-LM-B-alpha-0_25", state=state, snapshot=root / "hf")
+    return {"root": root, "tok": tok, "cfg": cfg, "method": as_method(method), "formats": out}
+
+
+FORMAT_NAMES = ["training_ckpt", "esolm_folder", "lightning_ckpt", "fixture_pt", "hf_folder", "hf_repo"]
+
+
+def _offline_hub(monkeypatch, fmt):
+    import huggingface_hub
+
+    def fake_snapshot_download(**kwargs):
+        assert kwargs["repo_id"] == fmt["path"]
+        return str(fmt["snapshot"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_every_format_through_every_loader(formats, name, monkeypatch):
+    fmt = formats["formats"][name]
+    if "snapshot" in fmt:
+        _offline_hub(monkeypatch, fmt)
+    model = DiT.from_pretrained(fmt["path"])
+    assert model.config == formats["cfg"] and not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fmt["state"][k]), k
+    loaded, method = load_pretrained(fmt["path"])
+    hf_method = {"name": "esolm", "variant": "B", "alpha0": 0.25, "batch_split": 0.0, "low_var": False}
+    assert method == (as_method(hf_method) if name.startswith("hf") else formats["method"])
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    lm = io.load_model(fmt["path"])
+    assert (lm.tokenizer is not None) == fmt.get("tokenizer", False)
+    if lm.tokenizer is not None:
+        assert lm.tokenizer.fingerprint == formats["tok"].fingerprint
+    assert (lm.data.get("source") == str(formats["root"] / "docs.txt")) == fmt.get("recipe", False)
+    if "raw" in fmt:  # use_ema=False: the raw weights
+        raw = io.load_model(fmt["path"], use_ema=False).model
+        for k, v in raw.state_dict().items():
+            assert torch.equal(v, fmt["raw"][k]), k
+    given = io.load_model(fmt["path"], tokenizer=formats["root"] / "tok")
+    assert given.tokenizer.fingerprint == formats["tok"].fingerprint
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_every_format_through_the_cli(formats, name, tmp_path, monkeypatch, capsys):
+    from esolm import cli
+
+    fmt, root = formats["formats"][name], formats["root"]
+    if "snapshot" in fmt:
+        _offline_hub(monkeypatch, fmt)
+    tok = [] if fmt.get("tokenizer") else ["--tokenizer", str(root / "tok")]
+    data = [] if fmt.get("recipe") else ["--data", str(root / "docs.txt"), "--val-fraction", "0.5",
+                                         "--max-documents", "16"]
+    rc = cli.main(["eval", str(fmt["path"]), *tok, *data, "--batch-size", "4", "--max-batches", "1", "--device", "cpu",
+                   "--json", str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["data"]["source"] == str(root / "docs.txt") and res["results"][0]["tokens"] > 0
+    assert 1.0 < res["results"][0]["perplexity"] < 10 * formats["tok"].vocab_size
+    rc = cli.main(["sample", str(fmt["path"]), *tok, "--num-samples", "2", "--steps", "4", "--device", "cpu",
+                   "--out", str(tmp_path / "s.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["token_ids"]) <= 16 for r in rows)
+
+
+def test_export_of_any_format_round_trips(formats, tmp_path, capsys):
+    from esolm import cli
+
+    fmt = formats["formats"]["lightning_ckpt"]
+    assert cli.main(["export", str(fmt["path"]), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    model, method = load_pretrained(tmp_path / "out")
+    assert method == formats["method"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fmt["state"][k]), k
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    assert cli.main(["export", str(fmt["path"]), str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a folder" in err and blocker.read_text() == "keep"
+
+
+def test_missing_relative_path_is_not_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for text in ("bad/x.ckpt", "bad/model.safetensors", "./bad/x"):
+        with pytest.raises(CheckpointError, match="does not exist"):
+            load_pretrained(text)
+    (tmp_path / "runs").mkdir()
+    assert not io.is_repo_id("runs/model")  # a local folder named like the owner: a path
+    assert io.is_repo_id("sahoo-diffusion/Eso-LM-B-alpha-0_25") and io.is_repo_id("kuleshov-group/mdlm-owt")
+    assert not io.is_repo_id("a/b/c") and not io.is_repo_id("owner/name.pt")
+
+
+def test_stored_config_must_record_the_length(tmp_path):
+    save_pretrained(random_dit(), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    del meta["model"]["length"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="lacks length"):
+        load_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="lacks length"):
+        load_pretrained(tmp_path / "m", config=meta["model"])
+
+
+def test_layout_and_parameter_count_match_the_model():
+    for kw in ({}, {"adaln": False, "mask_id": None}, {"n_layers": 5, "mlp_ratio": 2}):
+        cfg = random_dit(**kw).config
+        model, layout = DiT(cfg), io.layout(cfg)
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout.shapes
+        assert layout.params == [n for n, _ in model.named_parameters()]
+        assert io.parameter_count(cfg) == model.num_parameters() == layout.num_parameters
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def test_atomic_write_json_and_failure_leave_no_temporary(tmp_path):
+    target = tmp_path / "sub" / "x.json"
+    io.atomic_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    with pytest.raises(RuntimeError), io.atomic_writer(target) as fh:
+        fh.write(b"partial")
+        raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.json"]
+    io.atomic_write(target, "text é")
+    assert target.read_text(encoding="utf-8") == "text é"
+
+
+def test_atomic_dir_new_and_existing(tmp_path):
+    with io.atomic_dir(tmp_path / "d") as d:
+        (d / "a").write_text("1")
+        assert not (tmp_path / "d").exists()  # nothing visible until the block ends
+    assert (tmp_path / "d" / "a").read_text() == "1"
+    (tmp_path / "d" / "old").write_text("kept")
+    with pytest.raises(RuntimeError), io.atomic_dir(tmp_path / "d") as d:
+        (d / "a").write_text("2")
+        raise RuntimeError
+    assert (tmp_path / "d" / "a").read_text() == "1"
+    with io.atomic_dir(tmp_path / "d") as d:
+        (d / "a").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert (tmp_path / "d" / "a").read_text() == "2" and (tmp_path / "d" / "old").read_text() == "kept"
+
+
+def test_check_writable(tmp_path):
+    from esolm.errors import UserError
+
+    assert io.check_writable(tmp_path / "new" / "deeper" / "x.json") == tmp_path / "new" / "deeper" / "x.json"
+    assert not (tmp_path / "new").exists()  # nothing is created
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match="is a folder"):
+        io.check_writable(tmp_path)
+    with pytest.raises(UserError, match="not a folder"):
+        io.check_writable(tmp_path / "f" / "x.json")
+    with pytest.raises(UserError, match="not a folder"):
+        io.check_writable(tmp_path / "f", folder=True)
+    io.check_writable(tmp_path, folder=True)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # (root can write anywhere)
+        with pytest.raises(UserError, match="not writable"):
+            io.check_writable(locked / "x.json")

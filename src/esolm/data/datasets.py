@@ -41,6 +41,7 @@ import torch
 from esolm.data.corpus import corpus_fingerprint, wiki_texts
 from esolm.data.tokenizers import Tokenizer
 from esolm.errors import ConfigError, UserError
+from esolm.io.atomic import atomic_writer
 
 MODES = ("pack", "pad")
 
@@ -249,12 +250,8 @@ def default_cache_dir() -> Path:
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_writer(path) as fh:
         np.save(fh, arr)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def tokenize_sequences(texts: Sequence[str], tokenizer: Tokenizer, length: int, mode: str = "pack",

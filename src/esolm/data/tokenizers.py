@@ -33,6 +33,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from esolm.errors import UserError
+from esolm.io.atomic import atomic_json, atomic_write
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BPE8K_FILE = ASSETS / "esolm-bpe-8k.json"
@@ -111,8 +112,8 @@ class Tokenizer:
         """Write ``tokenizer.json`` (HF format) and ``esolm_tokenizer.json`` (special ids) atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(folder / HF_FILE, self.backend.to_str(pretty=True))
-        _atomic_write_text(folder / META_FILE, json.dumps(self.meta(), indent=2, sort_keys=True))
+        atomic_write(folder / HF_FILE, self.backend.to_str(pretty=True))
+        atomic_json(folder / META_FILE, self.meta(), sort_keys=True)
         return folder
 
     @classmethod
@@ -132,12 +133,6 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, mask_id={self.mask_id}, "
                 f"eos_id={self.eos_id}, bos_id={self.bos_id})")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- the three tokenizers --------------------------------------------------------------------------

@@ -287,15 +287,16 @@ class DiT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, path, method: dict | None = None) -> None:
-        """Write ``path/`` as safetensors weights + JSON config (see :mod:`esolm.io`)."""
+    def save_pretrained(self, path, method: dict | None = None, **kwargs) -> None:
+        """Write an esolm folder: safetensors weights + ``config.json`` (see :func:`esolm.io.save_pretrained`)."""
         from esolm.io import save_pretrained
 
-        save_pretrained(self, path, method=method)
+        save_pretrained(self, path, method=method, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_repo, **kwargs) -> DiT:
-        """Load an esolm folder, or an authors' checkpoint / Hugging Face repo (see :mod:`esolm.io`)."""
-        from esolm.io import from_pretrained
+        """The model of any format :func:`esolm.io.load_model` reads: an esolm training checkpoint or folder,
+        an authors' checkpoint, Hugging Face folder or repo id (keyword arguments as ``load_pretrained``)."""
+        from esolm.io import load_pretrained
 
-        return from_pretrained(path_or_repo, **kwargs)
+        return load_pretrained(path_or_repo, **kwargs)[0]

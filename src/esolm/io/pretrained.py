@@ -1,0 +1,520 @@
+"""One loader for every model format esolm reads, and the writer of its own.
+
+:func:`load_model` recognises the format from what is on disk (never from the file name alone):
+
+* **esolm training checkpoint** (``.ckpt`` written by ``esolm train``): ``hyper_parameters.config`` (the
+  run config), ``esolm.{method, tokenizer_json, tokenizer_meta}``, ``state_dict`` with keys ``model.*``
+  (the EMA weights when EMA is on; the raw ones in ``current_model_state``);
+* **esolm folder** (:func:`save_pretrained`, ``esolm export``): ``config.json`` = ``{"format": "esolm",
+  "version": 1, "model": ModelConfig dict (with the trained length), "method": method dict}``,
+  ``model.safetensors``, optionally ``tokenizer.json`` + ``esolm_tokenizer.json`` and the training recipe
+  ``training_config.yaml``;
+* **the authors' checkpoints** (:mod:`esolm.io.authors`): Lightning ``.ckpt`` (EMA weights by default),
+  fixture-style ``.pt`` (``{"state_dict", "config", ...}``), a bare state dict (with ``config=``), a
+  Hugging Face folder or repo id (``model.safetensors``, sharded, or ``pytorch_model.bin``).
+
+Every path goes through the same checks before a model is built (:mod:`esolm.io.weights`) and reads
+pickles only through :func:`esolm.io.safe_pickle.read_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from esolm.config import ModelConfig
+from esolm.errors import CheckpointError, EsoLMError, UserError
+from esolm.io import authors
+from esolm.io.atomic import atomic_dir, atomic_json, atomic_write
+from esolm.io.safe_pickle import one_line, read_checkpoint
+from esolm.io.weights import (
+    Layout,
+    build_model,
+    check_config,
+    check_header,
+    layout,
+    model_config_from_dict,
+    read_safetensors,
+    read_safetensors_header,
+    strip_prefix,
+)
+from esolm.methods import Method, as_method
+from esolm.model.backbone import DiT
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+CONFIG_NAME = "config.json"
+RECIPE_NAME = "training_config.yaml"
+FORMAT = "esolm"
+FORMAT_VERSION = 1
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yaml", ".yml", ".pkl", ".pickle",
+                  ".tar", ".zip", ".gz", ".npz", ".npy", ".txt"}
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, with what it was trained with: its method, its tokenizer (None when none was
+    saved with it and none was given) and its training recipe (the run config dict; ``{}`` when unknown)."""
+
+    model: DiT
+    method: Method
+    tokenizer: Any = None  # esolm.data.tokenizers.Tokenizer | None
+    recipe: dict = field(default_factory=dict)
+
+    @property
+    def data(self) -> dict:
+        """The recipe's data section (source, split, length ...), ``{}`` when unknown."""
+        return dict(self.recipe.get("data") or {})
+
+
+@dataclass
+class _Found:
+    model: DiT
+    method: dict | None
+    tokenizer: Any = None
+    recipe: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where: a local path or a Hugging Face repo id
+# --------------------------------------------------------------------------------------------------
+
+
+def is_repo_id(text: str) -> bool:
+    """``owner/name``, with no file suffix, whose owner is not a local folder (then it is a path)."""
+    if not _REPO_ID.match(text):
+        return False
+    owner, name = text.split("/")
+    return Path(name).suffix.lower() not in _FILE_SUFFIXES and not Path(owner).exists()
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: Any, local_files_only: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            allow_patterns=["*.json", "*.safetensors", "*.yaml", TORCH_WEIGHTS_NAME],
+        ))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, HTTP errors: all one line
+        raise CheckpointError(
+            f"cannot fetch {repo_id!r} from the Hugging Face Hub (offline or not found?): {one_line(exc)}"
+        ) from None
+
+
+def _resolve(path_or_repo: str | os.PathLike, revision: str | None, cache_dir: Any, local_files_only: bool) -> Path:
+    path = Path(path_or_repo)
+    if path.exists():
+        return path
+    text = str(path_or_repo)
+    if is_repo_id(text):
+        return _download(text, revision, cache_dir, local_files_only)
+    raise CheckpointError(f"{text} does not exist (no such file or folder)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs, methods, tokenizers, recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def _user_config(config: Any, vocab_size: int | None, mask_index: int | None) -> ModelConfig:
+    """``config=``: a ModelConfig, its dict, or an authors' Hydra dict (vocabulary from the weights)."""
+    if isinstance(config, ModelConfig):
+        return config
+    if authors.is_authors_config(config):
+        if vocab_size is None:
+            raise CheckpointError("cannot tell the vocabulary size; pass a ModelConfig")
+        return authors.config_from_authors(config, vocab_size, mask_index if mask_index is not None else vocab_size - 1)
+    if isinstance(config, dict):
+        return model_config_from_dict(config, "config=")
+    raise CheckpointError(f"config must be a ModelConfig or a dict, got {type(config).__name__}")
+
+
+def _method(d: Any, where: str) -> dict | None:
+    if d is None:
+        return None
+    try:
+        return as_method(d).to_dict()
+    except EsoLMError as exc:
+        raise CheckpointError(f"{where}: invalid method ({exc})") from None
+
+
+def _embedded_tokenizer(extra: dict, where: str):
+    """The tokenizer an esolm training checkpoint carries (``tokenizer_json`` + ``tokenizer_meta``)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from esolm.data.tokenizers import Tokenizer
+
+    text, meta = extra.get("tokenizer_json"), extra.get("tokenizer_meta")
+    if not text:
+        return None
+    try:
+        return Tokenizer(HFTokenizer.from_str(text), meta["name"], meta["mask_id"], meta["eos_id"], meta["bos_id"],
+                         meta.get("pad_id"))
+    except Exception as exc:  # noqa: BLE001 - a damaged tokenizer JSON or meta dict: one line
+        raise CheckpointError(f"{where}: its tokenizer cannot be read ({one_line(exc)})") from None
+
+
+def _saved_tokenizer(folder: Path):
+    from esolm.data.tokenizers import META_FILE, Tokenizer
+
+    if not (folder / META_FILE).is_file():
+        return None
+    try:
+        return Tokenizer.load(folder)
+    except EsoLMError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - damaged tokenizer files: one line
+        raise CheckpointError(f"{folder}: its tokenizer cannot be read ({one_line(exc)})") from None
+
+
+def _saved_recipe(folder: Path) -> dict:
+    file = folder / RECIPE_NAME
+    if not file.is_file():
+        return {}
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(file.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({one_line(exc)})") from None
+    if not isinstance(recipe, dict):
+        raise CheckpointError(f"{file}: expected a mapping")
+    return recipe
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable JSON ({one_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights of folders: safetensors (checked from the header first), sharded, or a pickled state dict
+# --------------------------------------------------------------------------------------------------
+
+
+def _weight_files(folder: Path) -> list[Path] | Path:
+    """The safetensors files of a folder (a list), or its pickled state dict (a path)."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    if (folder / WEIGHTS_INDEX_NAME).is_file():
+        index = _read_json(folder / WEIGHTS_INDEX_NAME)
+        weight_map = index.get("weight_map")
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        if not shards:
+            raise CheckpointError(f"{folder / WEIGHTS_INDEX_NAME}: empty weight_map")
+        for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard or not (folder / shard).is_file():
+                raise CheckpointError(f"{folder / WEIGHTS_INDEX_NAME}: shard {shard!r} is not a file in the folder")
+        return [folder / s for s in shards]
+    if (folder / TORCH_WEIGHTS_NAME).is_file():
+        return folder / TORCH_WEIGHTS_NAME
+    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {TORCH_WEIGHTS_NAME}")
+
+
+def _build_from(source: list[Path] | Path, cfg: ModelConfig, where: str, rename=lambda d: d) -> DiT:
+    """Check ``cfg``, then the weights (headers before tensors), then build. ``rename`` maps the file's
+    keys to the model's (e.g. strips ``backbone.``)."""
+    check_config(cfg, where)
+    expected = layout(cfg)
+    if isinstance(source, Path):
+        state = read_checkpoint(source)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{source}: not a state dict")
+        return build_model(cfg, rename(state), where, expected)
+    header: dict = {}
+    for file in source:
+        part = read_safetensors_header(file)
+        twice = sorted(set(part) & set(header))
+        if twice:
+            raise CheckpointError(f"{file}: tensor {twice[0]!r} is also in another shard")
+        header.update(part)
+    check_header(rename(header), cfg, where, expected)
+    state: dict = {}
+    for file in source:
+        state.update(read_safetensors(file))
+    return build_model(cfg, rename(state), where, expected)
+
+
+def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -> _Found:
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME} (neither an esolm nor an authors' Hugging Face folder)")
+    meta = _read_json(folder / CONFIG_NAME)
+    where = str(folder)
+    if meta.get("format") == FORMAT:
+        version = meta.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(f"{folder}: esolm format version {version!r} is not one this esolm reads")
+        cfg = (_user_config(config, None, None) if config is not None
+               else model_config_from_dict(meta.get("model"), str(folder / CONFIG_NAME)))
+        recipe = _saved_recipe(folder)
+        trained = authors.get(recipe, "data.length")
+        if config is None and isinstance(trained, int) and trained != cfg.length:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: model length {cfg.length} differs from the length it was "
+                                  f"trained with ({trained}, {RECIPE_NAME})")
+        model = _build_from(_weight_files(folder), cfg, where)
+        return _Found(model, _method(meta.get("method"), where), None, recipe)
+    if "n_blocks" in meta:
+        cfg = (_user_config(config, meta.get("vocab_size"), mask_index) if config is not None
+               else authors.config_from_hf(meta))
+        if mask_index is not None and config is None:
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), "mask_id": mask_index})
+        model = _build_from(_weight_files(folder), cfg, where, authors.backbone_state)
+        return _Found(model, _method(authors.method_from_hf(meta, name), where), None, _saved_recipe(folder))
+    raise CheckpointError(f"{folder / CONFIG_NAME}: neither an esolm nor an authors' Hugging Face config")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pickled checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_training_checkpoint(ckpt: dict) -> bool:
+    return isinstance(ckpt.get("esolm"), dict) and isinstance(authors.get(ckpt, "hyper_parameters.config"), dict)
+
+
+def _from_training(ckpt: dict, file: Path, config: Any, use_ema: bool) -> _Found:
+    """esolm's own training checkpoint: run config, method, tokenizer and (EMA) weights."""
+    from esolm.recipes import RunConfig
+
+    where = str(file)
+    hp, extra = ckpt["hyper_parameters"], ckpt["esolm"]
+    run = hp["config"]
+    if not isinstance(authors.get(run, "data.length"), int):
+        raise CheckpointError(f"{where}: its run config does not record the trained length (data.length)")
+    try:
+        recipe = RunConfig.from_dict(run)
+        cfg = recipe.model_config(hp["vocab_size"], hp["mask_id"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: an esolm training checkpoint with an invalid run config "
+                              f"({one_line(exc)})") from None
+    if config is not None:
+        cfg = _user_config(config, cfg.vocab_size, cfg.mask_id)
+    raw = not use_ema and "current_model_state" in ckpt
+    weights = ckpt.get("current_model_state") if raw else ckpt.get("state_dict")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{where}: an esolm training checkpoint without a state_dict")
+    check_config(cfg, where)
+    model = build_model(cfg, strip_prefix(weights, "model."), where)
+    return _Found(model, _method(extra.get("method"), where), _embedded_tokenizer(extra, where), dict(run))
+
+
+def _from_state_dict_checkpoint(ckpt: dict, file: Path, config: Any, use_ema: bool, mask_index: int | None) -> _Found:
+    """The authors' Lightning checkpoint, a fixture-style ``.pt``, or a ``.pt`` with esolm's ModelConfig dict."""
+    where = str(file)
+    hp = ckpt.get("hyper_parameters")
+    cfg_dict = ckpt.get("config")
+    if cfg_dict is None and isinstance(hp, dict):
+        cfg_dict = hp.get("config", hp if "model" in hp else None)
+    state = authors.backbone_state(ckpt["state_dict"])
+    vocab = (authors.vocab_of(state) or ckpt.get("vocab_size")
+             or (hp.get("vocab_size") if isinstance(hp, dict) else None))
+    mask = mask_index if mask_index is not None else ckpt.get("mask_index")
+    if mask is None and isinstance(vocab, int):
+        mask = vocab - 1  # the authors append the mask token when the tokenizer has none
+    own = isinstance(cfg_dict, dict) and "model" not in cfg_dict and "hidden_size" in cfg_dict
+    if config is not None:
+        cfg = _user_config(config, vocab, mask)
+    elif own:
+        cfg = model_config_from_dict(cfg_dict, where)
+    elif isinstance(cfg_dict, dict):
+        cfg = authors.config_from_authors(cfg_dict, vocab, mask)
+    else:
+        raise CheckpointError(f"{where}: its config could not be recovered (hyper_parameters unreadable); pass config=")
+    method = ckpt.get("method") if own else (authors.method_from_authors(cfg_dict) if isinstance(cfg_dict, dict)
+                                             else None)
+    check_config(cfg, where)
+    expected: Layout = layout(cfg)
+    ema = ckpt.get("ema")
+    if use_ema and isinstance(ema, dict) and ema.get("shadow_params") is not None:
+        state = {**state, **authors.ema_state(ema["shadow_params"], expected.params)}
+    return _Found(build_model(cfg, state, where, expected), _method(method, where))
+
+
+def load_authors_state_dict(state_dict: dict, config: ModelConfig) -> DiT:
+    """A DiT for ``config`` holding the authors' weights (``backbone.`` prefix stripped if present,
+    non-backbone keys such as ``noise.*`` dropped, everything else checked strictly)."""
+    check_config(config, "state dict")
+    return build_model(config, authors.backbone_state(state_dict), "state dict")
+
+
+def _read_pickle(file: Path, config: Any, use_ema: bool, mask_index: int | None) -> _Found:
+    ckpt = read_checkpoint(file)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{file}: expected a dict, got {type(ckpt).__name__}")
+    if _is_training_checkpoint(ckpt):
+        return _from_training(ckpt, file, config, use_ema)
+    if isinstance(ckpt.get("state_dict"), dict):
+        return _from_state_dict_checkpoint(ckpt, file, config, use_ema, mask_index)
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if config is None:
+            raise CheckpointError(f"{file}: a bare state dict carries no config; pass config=")
+        state = authors.backbone_state(ckpt)
+        cfg = _user_config(config, authors.vocab_of(state), mask_index)
+        check_config(cfg, str(file))
+        return _Found(build_model(cfg, state, str(file)), None)
+    raise CheckpointError(f"{file}: neither a Lightning/fixture checkpoint ('state_dict') nor a state dict")
+
+
+def _is_safetensors(file: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length and a JSON object."""
+    with open(file, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------------
+
+
+def _read(path_or_repo: str | os.PathLike, *, config: Any = None, use_ema: bool = True,
+          mask_index: int | None = None, revision: str | None = None, cache_dir: Any = None,
+          local_files_only: bool = False) -> tuple[_Found, Path]:
+    path = _resolve(path_or_repo, revision, cache_dir, local_files_only)
+    if not (path.is_dir() or path.is_file()):
+        raise CheckpointError(f"{path} is neither a file nor a folder")
+    if path.is_dir():
+        return _read_folder(path, config, mask_index, str(path_or_repo)), path
+    if _is_safetensors(path):
+        if config is None:  # the weights of a folder: read the folder
+            return _read_folder(path.parent, config, mask_index, str(path_or_repo)), path.parent
+        cfg = _user_config(config, None, mask_index)
+        return _Found(_build_from([path], cfg, str(path), authors.backbone_state), None), path.parent
+    return _read_pickle(path, config, use_ema, mask_index), path.parent
+
+
+def load_model(
+    path_or_repo: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    device: Any = None,
+    use_ema: bool = True,
+    config: Any = None,
+    mask_index: int | None = None,
+    method: Method | dict | None = None,
+    require_tokenizer: bool = False,
+    revision: str | None = None,
+    cache_dir: Any = None,
+    local_files_only: bool = False,
+) -> LoadedModel:
+    """Load a model in any format esolm reads (see the module docstring) as a :class:`LoadedModel`.
+
+    ``path_or_repo``: a file, a folder, a ``model.safetensors`` inside a folder, or a Hugging Face repo
+    id ``owner/name`` (a local path always wins). ``tokenizer``: a name, a saved folder or a Tokenizer
+    (default: the one saved with the model; ``require_tokenizer`` makes its absence an error).
+    ``config`` overrides the stored architecture (ModelConfig, its dict, or an authors' Hydra dict);
+    ``use_ema`` picks the EMA weights of checkpoints that have them; ``mask_index`` overrides the
+    authors' default mask id (the last id); ``method`` supplies the method of a file that does not say it.
+    """
+    from esolm.data.tokenizers import Tokenizer, get_tokenizer
+
+    found, folder = _read(path_or_repo, config=config, use_ema=use_ema, mask_index=mask_index, revision=revision,
+                          cache_dir=cache_dir, local_files_only=local_files_only)
+    spec = as_method(method) if method is not None else (as_method(found.method) if found.method else None)
+    if spec is None:
+        raise UserError(f"{path_or_repo} does not say which method it was trained with; pass method= "
+                        "(e.g. {'name': 'mdlm'})")
+    if tokenizer is not None:
+        try:
+            tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
+        except EsoLMError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged tokenizer folder: one line
+            raise UserError(f"tokenizer {tokenizer}: cannot be read ({one_line(exc)})") from None
+    else:
+        tok = found.tokenizer or _saved_tokenizer(folder)
+    if tok is None and require_tokenizer:
+        raise UserError(f"no tokenizer saved with {path_or_repo}; pass --tokenizer NAME (e.g. esolm-bpe-8k)")
+    model = found.model
+    if tok is not None and tok.vocab_size != model.config.vocab_size:
+        raise UserError(f"tokenizer {tok.name} has {tok.vocab_size} ids but the model's vocabulary is "
+                        f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
+    if device is not None:
+        model = model.to(device)
+    return LoadedModel(model.eval(), spec, tok, found.recipe)
+
+
+def load_pretrained(path_or_repo: str | os.PathLike, *, device: Any = None, **kwargs) -> tuple[DiT, Method | None]:
+    """``(model in eval mode, method spec or None)`` of any format :func:`load_model` reads (same keyword
+    arguments, less the tokenizer ones); the method may be unknown (a bare state dict with ``config=``)."""
+    found, _ = _read(path_or_repo, **kwargs)
+    model = found.model if device is None else found.model.to(device)
+    return model.eval(), (as_method(found.method) if found.method else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing esolm folders
+# --------------------------------------------------------------------------------------------------
+
+
+def _unshared_cpu_state(model: DiT) -> dict[str, torch.Tensor]:
+    """State dict ready for safetensors: contiguous CPU tensors, no two sharing storage."""
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _unwrap(model: Any) -> DiT:
+    """The DiT inside ``torch.compile`` (``_orig_mod``) and DDP/FSDP-style (``module``) wrappers."""
+    seen = 0
+    while not isinstance(model, DiT) and seen < 8:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            break
+        model, seen = inner, seen + 1
+    if not isinstance(model, DiT):
+        raise CheckpointError(f"save_pretrained expects an esolm DiT, got {type(model).__name__}")
+    return model
+
+
+def save_pretrained(model: DiT, path: str | os.PathLike, method: Method | dict | None = None, *,
+                    tokenizer: Any = None, recipe: dict | None = None) -> Path:
+    """Write an esolm folder atomically: ``model.safetensors``, ``config.json`` (architecture with the
+    trained length, method), and the tokenizer and training recipe (``training_config.yaml``) when given.
+
+    A new folder appears whole; an existing one has each file replaced atomically. Compiled or distributed
+    wrappers are unwrapped, so the keys are always the DiT's own.
+    """
+    model = _unwrap(model)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict(),
+            "method": as_method(method).to_dict() if method is not None else None}
+    state = _unshared_cpu_state(model)
+    try:
+        with atomic_dir(path) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            atomic_json(tmp / CONFIG_NAME, meta, sort_keys=True)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            if recipe:
+                import yaml
+
+                atomic_write(tmp / RECIPE_NAME, yaml.safe_dump(recipe, sort_keys=False))
+    except UserError as exc:
+        raise CheckpointError(str(exc)) from None
+    return Path(path)
+
+
+__all__ = ["LoadedModel", "load_model", "load_pretrained", "save_pretrained", "load_authors_state_dict", "is_repo_id",
+           "WEIGHTS_NAME", "CONFIG_NAME", "RECIPE_NAME", "FORMAT", "FORMAT_VERSION"]
