@@ -17,12 +17,15 @@ import pytest
 import torch
 
 from esolm.cli import main
+from esolm.noise import EPS, antithetic_times
+from esolm.objectives import build_objective
 from esolm.recipes import resolve
 from esolm.training import (
     AtomicCheckpointIO,
     CheckpointError,
+    LitEsoLM,
     lr_factor,
-    model_from_checkpoint,
+    noise_generators,
     read_checkpoint,
     train,
 )
@@ -141,7 +144,7 @@ def test_corrupted_checkpoint_is_a_clear_error_and_previous_stays(killed_and_res
 
 def test_export_carries_ema_weights_and_tokenizer(reference_run, capsys):
     from esolm.data.tokenizers import Tokenizer, bpe8k
-    from esolm.io import load_pretrained
+    from esolm.io import load_model, load_pretrained
 
     tmp = reference_run
     ckpt = tmp / "ref" / "checkpoints" / "last.ckpt"
@@ -156,19 +159,22 @@ def test_export_carries_ema_weights_and_tokenizer(reference_run, capsys):
     assert any(not torch.equal(ema[k], cur[k]) for k in ema)  # EMA differs from the raw weights
     tok = Tokenizer.load(tmp / "exported")
     assert tok.fingerprint == bpe8k().fingerprint
-    m2, _, _, _ = model_from_checkpoint(ckpt)
+    m2 = load_model(ckpt).model  # the training checkpoint itself: the same EMA weights
     assert all(torch.equal(a, b) for a, b in zip(m2.parameters(), model.parameters()))
 
 
-DDP_ARGS = ["method.name=ar", "trainer.global_batch=8", "trainer.max_steps=3", "trainer.val_every=3",
-            "trainer.ckpt_every=3", "optim.ema=0.5", "optim.eps=1e-3"]
+DDP_ARGS = ["trainer.global_batch=8", "trainer.max_steps=3", "trainer.val_every=3", "trainer.ckpt_every=3",
+            "optim.ema=0.5", "optim.eps=1e-3"]
 
 
-def test_ddp_two_processes_match_single_process(workdir):
-    """Gloo DDP, 2 ranks x 4 rows vs 1 process x 8 rows, AR (no sampling noise), dropout 0, fp32.
+def test_ddp_two_processes_match_single_process(workdir, monkeypatch):
+    """Gloo DDP, 2 ranks x 4 rows vs 1 process x 8 rows, Eso-LM (B) (both terms, sampling noise), dropout 0.
 
-    Step 2's batch holds the one partially padded row, so the ranks see different token counts: the
-    per-term global normalisation must make the DDP gradient equal the single-process one anyway.
+    Each rank draws its own masks and orders (and the shared time offset), so the single process computes
+    the loss of each rank's half of the micro-batch as that rank does (its generators, its time slice, its
+    MDM/AR split) and merges the two: the same global loss, hence the same gradient. Step 2's batch holds
+    the one partially padded row, so the ranks see different token counts: the per-term global
+    normalisation must make the DDP gradient equal the single-process one anyway.
 
     Only the order of float32 reductions differs, so gradients agree to ~1e-7 relative. Adam with eps=1e-8
     turns gradients far smaller than eps-scale noise into +-lr updates (a sign flip of a 1e-9 gradient moves
@@ -180,6 +186,14 @@ def test_ddp_two_processes_match_single_process(workdir):
     proc = subprocess.run([sys.executable, "-m", "esolm.cli", "train", "cpu-tiny", *ddp], env=env(),
                           capture_output=True, text=True, timeout=400, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = LitEsoLM.micro_batch_loss
+
+    def as_two_ranks(self, batch, k, rank, world_size):
+        assert (rank, world_size) == (0, 1)
+        halves = [{key: v[r * 4:(r + 1) * 4] for key, v in batch.items()} for r in range(2)]
+        return per_rank(self, halves[0], k, 0, 2).merge(per_rank(self, halves[1], k, 1, 2))
+
+    monkeypatch.setattr(LitEsoLM, "micro_batch_loss", as_two_ranks)
     train(resolve("cpu-tiny", common(tmp, "single", *DDP_ARGS)))
     r0, r1, single = trace(tmp, "ddp", 0), trace(tmp, "ddp", 1), trace(tmp, "single")
     assert [r["step"] for r in r0] == [r["step"] for r in r1] == [r["step"] for r in single] == [1, 2, 3]
@@ -195,18 +209,50 @@ def test_ddp_two_processes_match_single_process(workdir):
             assert torch.allclose(v, d[key][k], atol=1e-6, rtol=0), (key, k)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch, capsys):
-    import esolm.training as training
+def test_ranks_share_the_time_offset_but_draw_their_own_masks(monkeypatch):
+    """Micro-batch k on two DDP ranks: the ranks' antithetic times form one stratified global batch (the same
+    offset u), while masks come from each rank's own generator — with identical times they still differ."""
+    import esolm.objectives as objectives
 
-    real = training.build_objective
+    cfg = resolve("cpu-tiny", ["method.name=mdlm"])
+    lit = LitEsoLM(cfg.to_dict(), vocab_size=64, mask_id=63)
+    x = torch.randint(0, 63, (4, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "valid": torch.ones_like(x, dtype=torch.bool)}
+    times, inputs = [], []
+    real = objectives.antithetic_times
+    monkeypatch.setattr(objectives, "antithetic_times", lambda *a, **k: times.append(real(*a, **k)) or times[-1])
+    lit.model.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+    for rank in (0, 1):
+        lit.micro_batch_loss(batch, k=5, rank=rank, world_size=2)
+    grid = torch.cat(times).double() * 8  # (u + i) / 8 for i = 0..7, mapped to [eps, 1]
+    i = torch.floor((grid - 8 * EPS) / (1 - EPS)).clamp(0, 7)
+    u = (grid - 8 * EPS) / (1 - EPS) - i
+    assert sorted(i.tolist()) == list(range(8)) and float(u.max() - u.min()) < 1e-5
+    assert not torch.equal(inputs[0] == 63, inputs[1] == 63)
+    # the same times on both ranks (rank 0's slice): the masks still differ, as the generators do
+    obj = build_objective(cfg.method_spec())
+    masks = []
+    for rank in (0, 1):
+        t_gen, noise = noise_generators(cfg.trainer.seed, 5, rank)
+        obj(lit.model, x, generator=noise, time_generator=t_gen)
+        masks.append(inputs[-1] == 63)
+    assert not torch.equal(masks[0], masks[1])
+    same = [noise_generators(cfg.trainer.seed, 5, rank)[0] for rank in (0, 1)]
+    assert torch.equal(antithetic_times(4, same[0]), antithetic_times(4, same[1]))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch, capsys):
+    import esolm.training.module as module
+
+    real = module.build_objective
 
     def poisoned(method):
         obj = real(method)
         inner = obj.forward
         calls = {"n": 0}
 
-        def forward(model, x0, valid, generator, rank, world_size):
-            out = inner(model, x0, valid, generator, rank, world_size)
+        def forward(model, x0, valid, generator, rank, world_size, time_generator):
+            out = inner(model, x0, valid, generator, rank, world_size, time_generator)
             calls["n"] += obj.training
             if obj.training and calls["n"] == 6:  # the 6th training micro-batch -> step 6
                 nll, n = out.terms["ar"]
@@ -216,11 +262,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatc
         obj.forward = forward
         return obj
 
-    monkeypatch.setattr(training, "build_objective", poisoned)
+    monkeypatch.setattr(module, "build_objective", poisoned)
     tmp = workdir
     rc = main(["train", "cpu-tiny", *common(tmp, "nan")])
     err = capsys.readouterr().err
-    assert rc == 1 and "non-finite training loss (nan) at step 6" in err and "last.ckpt" in err
+    assert rc == 2 and "non-finite training loss (nan) at step 6" in err and "last.ckpt" in err
     last = read_checkpoint(tmp / "nan" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
     assert [r["step"] for r in trace(tmp, "nan")] == [1, 2, 3, 4, 5]
@@ -255,7 +301,7 @@ def test_atomic_checkpoint_io_keeps_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*\(disk full\)"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
     assert sha(path) == before and list(tmp_path.iterdir()) == [path]
     assert io.load_checkpoint(path)["global_step"] == 1

@@ -99,7 +99,7 @@ class TrainerSection:
     micro_batch: int | None = None    # per device; default global_batch / world size (no accumulation)
     max_steps: int = 1_000_000
     max_time: str | float | None = None  # seconds or "DD:HH:MM:SS"
-    accelerator: str = "auto"         # auto | cpu | gpu
+    accelerator: str = "auto"         # auto | cpu | gpu | cuda | mps
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"            # auto | ddp | fsdp
@@ -120,6 +120,7 @@ SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection,
 PRECISIONS = ("bf16-mixed", "32-true", "32", "16-mixed", "bf16-true", "64-true")
 STRATEGIES = ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_find_unused_parameters_true")
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 @dataclass
@@ -218,6 +219,8 @@ class RunConfig:
         req(t.precision in PRECISIONS, f"trainer.precision must be one of {PRECISIONS}, got {t.precision!r}")
         req(t.strategy in STRATEGIES, f"trainer.strategy must be one of {STRATEGIES}, got {t.strategy!r}")
         req(t.logger in LOGGERS, f"trainer.logger must be one of {LOGGERS}, got {t.logger!r}")
+        req(t.accelerator in ACCELERATORS,
+            f"trainer.accelerator must be one of {ACCELERATORS}, got {t.accelerator!r}")
         td = self.max_time()
         req(td is None or td.total_seconds() > 0, "trainer.max_time must be positive")
         return self

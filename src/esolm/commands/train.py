@@ -8,12 +8,15 @@ Examples::
     esolm train paper-owt-small trainer.devices=8 trainer.strategy=ddp trainer.micro_batch=64
 
 A run writes ``OUT/config.yaml``, ``OUT/checkpoints/{stepNNNNNNNN,last}.ckpt`` and ``OUT/logs``; running
-the same command again resumes from ``last.ckpt`` (``trainer.resume=auto``).
+the same command again resumes from ``last.ckpt`` (``trainer.resume=auto``); overrides other than run
+length, cadence, logging and paths must then match the checkpoint's config.
+
+Exit codes: 0 done; 2 a one-line error — a bad config, machine, output folder, resume checkpoint or data
+(before any work), or training stopped on a non-finite loss/weights or a failed checkpoint write (the last
+good checkpoint is kept); 130 interrupted (Ctrl-C; the checkpoints on disk stay complete).
 """
 
 from __future__ import annotations
-
-import sys
 
 
 def add_arguments(parser) -> None:
@@ -31,12 +34,8 @@ def run(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from esolm.training import NonFiniteLossError, prepare, train
+    from esolm.training import prepare, train
 
-    prepared = prepare(cfg)  # config, resume checkpoint and data errors surface here, before any work
-    try:
-        train(cfg, prepared=prepared)
-    except NonFiniteLossError as e:
-        print(f"esolm train: error: {e}", file=sys.stderr)
-        return 1
+    prepared = prepare(cfg)  # config, machine, output folder, resume and data errors: before any work
+    train(cfg, prepared=prepared)
     return 0
