@@ -80,6 +80,8 @@ def test_eval_uniform_model_has_exact_perplexity(workspace, tmp_path, capsys):
     rc, out, err = run_cli(["eval", ar, *data, "--json", tmp_path / "ar.json"], capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "ar.json").read_text())["results"][0]
+    # float32 log-softmax of zero logits: log V up to rounding; 1e-5 relative on the perplexity is 1e-5
+    # absolute on the NELBO (~84 float32 eps of 1); observed 1.7e-7
     assert res["perplexity"] == pytest.approx(v, rel=1e-5)
     eso = zero_output(ws["models"]["eso"], tmp_path / "eso0")
     rc, out, err = run_cli(["eval", eso, *data, "--iw-k", "1,3", "--json", tmp_path / "eso.json"], capsys)
@@ -107,7 +109,9 @@ def test_eval_json_aggregates_exactly(workspace, tmp_path, capsys):
         assert res["tokens"] == int((valid[:, 1:] & valid[:, :-1]).sum())
         assert res["sequences"] == len(ids)
         ppl.append(res["perplexity"])
-    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)  # float32 sums per batch
+    # float32 logits and per-batch sums round differently for other batch shapes: 1e-5 relative on the
+    # perplexity is 1e-5 absolute on the NELBO (~5.7 nats here: ~15 float32 eps of it); observed 2.3e-7
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)
     assert math.log(ppl[1]) == pytest.approx(res["nelbo"], rel=1e-12)
     # Eso-LM: both terms reported, NELBO = sum of per-token terms, reproducible with the same seed
     args = ["eval", ws["models"]["eso"], "--data", ws["data"], "--val-fraction", 0.5, "--max-documents", 16,
@@ -121,7 +125,7 @@ def test_eval_json_aggregates_exactly(workspace, tmp_path, capsys):
     ra, rb = a["results"][0], b["results"][0]
     assert a["method"]["alpha0"] == 0.5 and a["method"]["batch_split"] == 0.5
     assert set(ra["terms"]) == {"mdm", "ar"}
-    assert ra["nelbo"] == pytest.approx(sum(ra["terms"].values()), rel=1e-9)
+    assert ra["nelbo"] == pytest.approx(sum(ra["terms"].values()), rel=1e-12)  # float64 sums
     assert ra["nelbo"] == rb["nelbo"] and ra["iw"] == rb["iw"]
 
 
@@ -225,27 +229,22 @@ def test_sample_gen_ppl_and_mauve(workspace, tmp_path, capsys):
     assert "gen_ppl=" in err and "mauve=" in err
 
 
-def test_frontier_sweep_outputs(workspace, tmp_path):
-    """`esolm bench frontier` (frontier.run): one row per (model, sampling alpha0, steps), AR once; the CSV's
-    Gen PPL is the judge's perplexity of the saved samples; PNG plots are written."""
-    import argparse
+def test_frontier_sweep_outputs(workspace, tmp_path, capsys):
+    """`esolm bench frontier`: one row per (model, sampling alpha0, steps), AR once; the CSV's Gen PPL is the
+    judge's perplexity of the saved samples; PNG plots are written."""
     import csv
-
-    from esolm.evaluation import frontier
 
     pytest.importorskip("matplotlib")
     pytest.importorskip("mauve")
     ws = workspace
     judge_dir, feat_dir = tiny_hf_models(tmp_path, WORDS)
-    parser = argparse.ArgumentParser()
-    frontier.add_arguments(parser)
     out = tmp_path / "front"
     m = ws["models"]
-    args = parser.parse_args([f"E={m['eso']}", f"A={m['ar']}", f"M={m['mdlm']}", "--steps", "2,4",
-                              "--alpha0", "0.25,0.5", "--num-samples", "4", "--judge", str(judge_dir),
-                              "--judge-context", "8", "--features", str(feat_dir), "--mauve-data", str(ws["data"]),
-                              "--val-fraction", "0.5", "--out", str(out), "--no-warmup"])
-    assert frontier.run(args) == 0
+    rc, _, err = run_cli(["bench", "frontier", f"E={m['eso']}", f"A={m['ar']}", f"M={m['mdlm']}", "--steps", "2,4",
+                          "--alpha0", "0.25,0.5", "--num-samples", "4", "--judge", judge_dir, "--judge-context", "8",
+                          "--features", feat_dir, "--mauve-data", ws["data"], "--val-fraction", "0.5",
+                          "--out", out, "--no-warmup"], capsys)
+    assert rc == 0, err
     rows = list(csv.DictReader((out / "frontier.csv").open()))
     keys = [(r["label"], r["alpha0"], r["steps"]) for r in rows]
     assert keys == [("E", "0.25", "2"), ("E", "0.25", "4"), ("E", "0.5", "2"), ("E", "0.5", "4"),
@@ -287,17 +286,16 @@ def test_eval_defaults_to_the_training_split(workspace, tmp_path, capsys):
                          "mode": "pack"}
     assert a["data"] == b["data"]
     assert a["results"][0]["tokens"] == b["results"][0]["tokens"]
-    assert a["results"][0]["perplexity"] == pytest.approx(b["results"][0]["perplexity"], rel=1e-9)
+    assert a["results"][0]["perplexity"] == pytest.approx(b["results"][0]["perplexity"], rel=1e-12)  # same run
     # another source does not inherit the recipe's split settings; explicit options always win
-    from esolm.evaluation import LoadedModel, resolve_data
+    from esolm.evaluation import resolve_data
     from esolm.recipes import DataSection
 
-    loaded = LoadedModel(model=None, method={"name": "ar"}, tokenizer=ws["tok"], data=recipe["data"])
     d = DataSection()
-    assert resolve_data(loaded, "wiki") == {"source": "wiki", "val_fraction": d.val_fraction,
-                                            "split_seed": d.split_seed, "max_documents": None, "mode": d.mode}
-    assert resolve_data(loaded, None, val_fraction=0.25)["val_fraction"] == 0.25
-    assert resolve_data(loaded, None)["max_documents"] == 16
+    assert resolve_data(recipe["data"], "wiki") == {"source": "wiki", "val_fraction": d.val_fraction,
+                                                    "split_seed": d.split_seed, "max_documents": None, "mode": d.mode}
+    assert resolve_data(recipe["data"], None, val_fraction=0.25)["val_fraction"] == 0.25
+    assert resolve_data(recipe["data"], None)["max_documents"] == 16
 
 
 def test_missing_default_judge_is_one_line_error(workspace, tmp_path, capsys, monkeypatch):

@@ -1,9 +1,10 @@
 """The ``esolm`` command line.
 
 Each subcommand lives in ``esolm.commands.<name>`` and provides ``add_arguments(parser)`` and
-``run(args) -> int``. Errors the user can fix (bad config, bad input, missing file:
-:class:`esolm.errors.EsoLMError`) are reported as one line on stderr with exit code 2, before any work
-starts. Any other exception is a bug and keeps its traceback.
+``run(args) -> int``. Errors the user can fix (bad arguments, config, input, missing file:
+:class:`esolm.errors.EsoLMError` and argparse's usage errors) are reported as one line on stderr,
+``esolm CMD: error: MESSAGE``, with exit code 2, before any work starts. Any other exception is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("esolm.commands.sample", "generate samples (KV-cached Eso-LM sampler and baselines)"),
     "bench": ("esolm.commands.bench", "latency and speed-quality benchmarks"),
     "demo": ("esolm.commands.demo", "train, evaluate and sample a small Eso-LM (B) on the embedded corpus"),
+    "lm-eval": ("esolm.commands.lm_eval", "lm-evaluation-harness's CLI with the esolm model registered"),
 }
-
-
 
 
 def one_line(exc: BaseException) -> str:
@@ -32,8 +32,15 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like esolm's own errors (``prog: error: message``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esolm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="esolm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         try:
@@ -43,18 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_run=mod.run, _prog=p.prog)  # a command's own sub-commands may refine _prog
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 2 usage or esolm error, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (one line, code 2) and --help (code 0)
+        return int(e.code or 0)
     try:
         return int(args._run(args) or 0)
     except EsoLMError as e:  # only esolm's own errors are one line; anything else is a bug: traceback
-        print(f"esolm {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{args._prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("esolm: interrupted", file=sys.stderr)

@@ -14,17 +14,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from esolm.evaluation import evaluate, token_dataset
+from esolm.io import atomic_json, atomic_write, atomic_writer, load_model
 from esolm.recipes import resolve
 from esolm.sampling.esolm import sample_esolm_b
 from esolm.sampling.schedule import plan_one_per_step
-from esolm.training import model_from_checkpoint, train
+from esolm.training import train
 
 
 def _val_texts(cfg) -> list[str]:
@@ -97,7 +97,8 @@ def _plots(out: Path, curve, speed: list[dict]) -> list[str]:
         ax.set_title("Eso-LM (B) on the embedded corpus")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "training_curve.png", dpi=120)
+        with atomic_writer(out / "training_curve.png") as fh:
+            fig.savefig(fh, dpi=120, format="png")
         plt.close(fig)
         files.append("training_curve.png")
     if speed:
@@ -111,7 +112,8 @@ def _plots(out: Path, curve, speed: list[dict]) -> list[str]:
         ax.set_title(f"Sampling L={speed[0]['length']}, NFE ~ L, batch {speed[0]['batch_size']}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "sampling_speed.png", dpi=120)
+        with atomic_writer(out / "sampling_speed.png") as fh:
+            fig.savefig(fh, dpi=120, format="png")
         plt.close(fig)
         files.append("sampling_speed.png")
     return files
@@ -129,7 +131,8 @@ def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes:
     t0 = time.perf_counter()
     train(cfg)
     train_s = time.perf_counter() - t0
-    model, method, tok, _ = model_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    loaded = load_model(run / "checkpoints" / "last.ckpt", require_tokenizer=True)
+    model, method, tok = loaded.model, loaded.method, loaded.tokenizer
     torch.manual_seed(seed)
 
     log(f"[2/4] validation NELBO and importance-weighted bound, K in {list(iw_ks)}")
@@ -163,9 +166,7 @@ def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes:
                                                   "texts": texts},
                "sampling_speed": speed}
     results["plots"] = _plots(out, _training_curve(run), speed)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
-    (out / "samples.txt").write_text("\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n")
+    atomic_json(out / "results.json", results)
+    atomic_write(out / "samples.txt", "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n")
     log(f"results written to {out}/ (results.json, samples.txt, {', '.join(results['plots'])})")
     return results

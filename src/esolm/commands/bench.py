@@ -1,6 +1,6 @@
 """``esolm bench latency``: wall time of sampling, every method on one random-initialised network size.
 
-(``esolm bench frontier``, the speed-quality sweep of trained models, lives in :mod:`esolm.evaluation.frontier`.)
+(``esolm bench frontier``, the speed-quality sweep of trained models: :mod:`esolm.evaluation.frontier`.)
 
 Each method decodes about one token per network call (NFE ~ L), as in the paper's latency table:
 
@@ -21,16 +21,16 @@ minutes on one CPU core; the paper's is 12 x 768 on a GPU.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from esolm.commands import _args
 from esolm.config import ModelConfig
+from esolm.devices import resolve_device
 from esolm.errors import UserError
+from esolm.io import atomic_json, check_writable
 from esolm.model.backbone import DiT
 
 METHODS = {
@@ -44,51 +44,65 @@ LABELS = {"esolm-b": "Eso-LM (B)", "esolm-a": "Eso-LM (A)", "mdlm": "MDLM", "bd3
           "ar": "AR (KV cache)"}
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        out = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return out
-
-
-def _method_list(text: str) -> list[str]:
-    out = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [m for m in out if m not in METHODS]
-    if bad or not out:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or repr(text)}; choose from "
-                                         f"{', '.join(METHODS)}")
-    return out
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     p = sub.add_parser("latency", help="sampling wall time per method and length (random networks)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--methods", type=_method_list, default=["esolm-b", "mdlm", "bd3lm", "ar"],
+    p.set_defaults(_prog=p.prog)
+    p.add_argument("--methods", type=_args.choice_list(tuple(METHODS)), default=["esolm-b", "mdlm", "bd3lm", "ar"],
                    help=f"comma-separated, from {', '.join(METHODS)} (default esolm-b,mdlm,bd3lm,ar)")
-    p.add_argument("--lengths", type=_int_list, default=[1024, 2048], help="sequence lengths (default 1024,2048)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=1024, help="vocabulary size including the mask token")
-    p.add_argument("--block-size", type=int, default=16, help="BD3-LM block size L'")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--lengths", type=_args.positive_int_list, default=[1024, 2048],
+                   help="sequence lengths (default 1024,2048)")
+    p.add_argument("--batch-size", type=_args.positive_int, default=1)
+    p.add_argument("--hidden", type=_args.positive_int, default=128)
+    p.add_argument("--layers", type=_args.positive_int, default=2)
+    p.add_argument("--heads", type=_args.positive_int, default=4)
+    p.add_argument("--vocab", type=_args.int_at_least(2), default=1024,
+                   help="vocabulary size including the mask token (at least 2)")
+    p.add_argument("--block-size", type=_args.positive_int, default=16, help="BD3-LM block size L'")
+    p.add_argument("--repeats", type=_args.positive_int, default=3,
                    help="timed runs per cell, interleaved across methods; the best is reported (default 3)")
-    p.add_argument("--max-repeat-seconds", type=float, default=60.0,
+    p.add_argument("--max-repeat-seconds", type=_args.positive_float, default=60.0,
                    help="run a cell only once when its first run takes longer than this (default 60)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, mps, ...)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps ...")
+    p.add_argument("--threads", type=_args.positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
-    from esolm.evaluation import frontier  # the speed-quality frontier of trained models (its own module)
 
     f = sub.add_parser("frontier", help="sample quality against sampling time for trained models",
-                       description=frontier.__doc__.splitlines()[0])
-    frontier.add_arguments(f)
+                       description="The speed-quality frontier: sample quality against sampling time "
+                                   "(esolm.evaluation.frontier).")
+    f.set_defaults(_prog=f.prog)
+    f.add_argument("models", nargs="+", metavar="[LABEL=]MODEL",
+                   help="trained model folders (AR, MDLM, BD3-LM, Eso-LM ...), optionally labelled")
+    f.add_argument("--steps", type=_args.positive_int_list, default=[16, 32, 64, 128],
+                   help="sampling steps T to sweep (comma-separated; default 16,32,64,128)")
+    f.add_argument("--alpha0", type=_args.unit_interval_list, default=None,
+                   help="sampling alpha0 values for Eso-LM models (comma-separated; default: the trained one)")
+    f.add_argument("--num-samples", type=_args.positive_int, default=32)
+    f.add_argument("--batch-size", type=_args.positive_int, default=None,
+                   help="samples per batch (default: min(--num-samples, 64))")
+    f.add_argument("--top-p", type=_args.top_p, default=0.9, help="nucleus filtering, in (0, 1] (1 disables)")
+    f.add_argument("--sampler", default="auto")
+    f.add_argument("--seed", type=_args.int_at_least(0), default=0)
+    f.add_argument("--tokenizer", default=None, help="tokenizer for every model (default: saved with each)")
+    f.add_argument("--judge", default=None, help="judge LM for Gen PPL (default: smollm2, offline)")
+    f.add_argument("--judge-context", type=_args.int_at_least(2), default=None)
+    f.add_argument("--judge-batch-size", type=_args.positive_int, default=8)
+    f.add_argument("--no-gen-ppl", action="store_true", help="skip generative perplexity")
+    f.add_argument("--no-mauve", action="store_true", help="skip MAUVE")
+    f.add_argument("--mauve-data", default=None,
+                   help="reference text source, held-out split (default: each model's training source)")
+    f.add_argument("--val-fraction", type=_args.open_fraction, default=None, help="default: the training recipe's")
+    f.add_argument("--split-seed", type=int, default=None, help="default: the training recipe's")
+    f.add_argument("--features", default=None, help="sentence-embedding folder (default: all-MiniLM-L6-v2)")
+    f.add_argument("--no-warmup", action="store_true", help="time the first call of each model too")
+    f.add_argument("--repeats", type=_args.positive_int, default=1,
+                   help="draw each batch this many times (same samples) and report the fastest time")
+    f.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps ... (default: the available accelerator, else cpu)")
+    f.add_argument("--out", default="frontier", help="output folder")
 
 
 def build_model(name: str, length: int, hidden: int, layers: int, heads: int, vocab: int, device) -> DiT:
@@ -132,7 +146,7 @@ def run_latency(methods: list[str], lengths: list[int], batch_size: int = 1, hid
         raise UserError("batch size and repeats must be positive")
     if "bd3lm" in methods and any(n % block_size for n in lengths):
         raise UserError(f"every length must be a multiple of the BD3-LM block size {block_size}")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     size = {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab, "device": str(dev),
             "threads": torch.get_num_threads() if dev.type == "cpu" else None}
     models = {}
@@ -181,13 +195,7 @@ def ratios(records: list[dict]) -> list[dict]:
 
 
 def write_json(path: Path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_json(path, data)
 
 
 def print_table(records: list[dict]) -> None:
@@ -217,13 +225,55 @@ def _progress(rec: dict) -> None:
     print(f"{rec['method']:>8}  L={rec['length']:<5}  NFE={rec['nfe']:<5}  {rec['seconds']:.2f} s", flush=True)
 
 
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """``LABEL=PATH`` or ``PATH`` (label: the folder name)."""
+    if "=" in spec and not Path(spec).exists():
+        label, path = spec.split("=", 1)
+        if not label or not path:
+            raise UserError(f"model spec must be PATH or LABEL=PATH, got {spec!r}")
+        return label, path
+    return Path(spec.rstrip("/")).name or spec, spec
+
+
+def run_frontier_command(args) -> int:
+    from esolm.evaluation import frontier, metrics
+    from esolm.io import check_writable
+
+    if not args.no_mauve and args.num_samples < 2:
+        raise UserError("MAUVE needs --num-samples >= 2 (or pass --no-mauve)")
+    models = [parse_model_spec(s) for s in args.models]
+    labels = [lbl for lbl, _ in models]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"model labels must be distinct, got {labels}; use LABEL=PATH")
+    for _, path in models:
+        if not Path(path).exists():
+            raise UserError(f"model not found: {path}")
+    device = resolve_device(args.device)
+    out = check_writable(args.out, folder=True)
+    judge = None if args.no_gen_ppl else metrics.Judge.load(
+        args.judge, device=device, context=args.judge_context, batch_size=args.judge_batch_size)
+    featurizer = None if args.no_mauve else metrics.Featurizer.load(args.features, device=device)
+    points = frontier.run_frontier(models, steps=args.steps, alpha0s=args.alpha0, num_samples=args.num_samples,
+                                   batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
+                                   sampler=args.sampler, tokenizer_name=args.tokenizer, judge=judge,
+                                   featurizer=featurizer, mauve_data=args.mauve_data,
+                                   val_fraction=args.val_fraction, split_seed=args.split_seed, device=device,
+                                   samples_dir=out / "samples", warmup=not args.no_warmup, repeats=args.repeats)
+    meta = {"models": {lbl: str(p) for lbl, p in models}, "steps": args.steps, "alpha0": args.alpha0,
+            "num_samples": args.num_samples, "batch_size": args.batch_size, "top_p": args.top_p,
+            "seed": args.seed, "repeats": args.repeats, "device": str(device),
+            "judge": judge.name if judge is not None else None}
+    files = frontier.write_outputs(points, out, meta)
+    print(frontier.to_markdown(points), end="")
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    return 0
+
+
 def run(args) -> int:
     if args.bench == "frontier":
-        from esolm.evaluation import frontier
-
-        return frontier.run(args)
-    if args.bench != "latency":
-        raise UserError(f"unknown benchmark {args.bench!r}")
+        return run_frontier_command(args)
+    if args.json is not None:
+        check_writable(args.json)
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -1,8 +1,9 @@
-"""``esolm export CKPT DIR`` — a training checkpoint to a ``from_pretrained`` folder.
+"""``esolm export CKPT DIR`` — a training checkpoint (or any model ``esolm.io.load_model`` reads) to an
+esolm ``from_pretrained`` folder, written atomically.
 
 The folder gets the EMA weights (``model.safetensors`` + ``config.json`` with the method dict, via
 ``esolm.io.save_pretrained``), the tokenizer (``tokenizer.json`` + ``esolm_tokenizer.json``) and the
-training recipe (``training_config.yaml``).
+training recipe (``training_config.yaml``) when the checkpoint carries them.
 """
 
 from __future__ import annotations
@@ -14,21 +15,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
+    from esolm.io import check_writable, load_model, save_pretrained
 
-    import yaml
-
-    from esolm.io import save_pretrained
-    from esolm.methods import as_method
-    from esolm.training import model_from_checkpoint
-
-    model, method, tokenizer, config = model_from_checkpoint(args.checkpoint)
-    out = Path(args.out_dir)
-    save_pretrained(model, out, method=method)
-    tokenizer.save(out)
-    tmp = out / ".training_config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    tmp.replace(out / "training_config.yaml")
-    n_params = model.num_parameters()
-    print(f"exported {args.checkpoint} -> {out} ({as_method(method).label}, {n_params} parameters, EMA weights)")
+    check_writable(args.out_dir, folder=True)
+    loaded = load_model(args.checkpoint)
+    save_pretrained(loaded.model, args.out_dir, loaded.method, tokenizer=loaded.tokenizer, recipe=loaded.recipe)
+    print(f"exported {args.checkpoint} -> {args.out_dir} ({loaded.method.label}, "
+          f"{loaded.model.num_parameters()} parameters, EMA weights where the checkpoint has them)")
     return 0

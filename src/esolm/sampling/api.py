@@ -5,10 +5,13 @@ The ``method`` dict (saved with each model) selects the sampler:
 ==========  ===========================================================================================
 ``esolm``   variant B: KV-cached parallel diffusion + sequential decoding; variant A: the ablation.
             ``sampler``: ``auto``/``ancestral`` (binomial schedule, ``steps`` = T, default L),
-            ``first_hitting`` (one token per step), ``strided``/``subcontext`` (``steps`` strides).
+            ``first_hitting`` (one token per step), ``strided``/``subcontext`` (``steps`` strides;
+            ``shuffle`` randomises the stride order and the order within strides; ``alpha0 < 1``
+            leaves a left-to-right tail, see :func:`~esolm.sampling.schedule.plan_strided`).
 ``mdlm``    ``auto``/``ancestral`` (``steps``, default L), ``first_hitting``, ``left_to_right``.
 ``bd3lm``   block by block over a KV cache; ``auto``/``ancestral`` (``steps`` per block, default the
-            block size) or ``first_hitting`` (one token per in-block step).
+            block size) or ``first_hitting`` (one token per in-block step). A model trained with
+            ``ignore_bos`` gets position 0 given: the prompt's first token, else ``bos_id``.
 ``ar``      KV-cached next-token decoding.
 ==========  ===========================================================================================
 
@@ -20,8 +23,10 @@ each sample ends.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +38,7 @@ from esolm.sampling.common import StepCallback
 from esolm.sampling.esolm import sample_esolm_a, sample_esolm_b
 from esolm.sampling.mdlm import sample_mdlm
 from esolm.sampling.schedule import plan_binomial, plan_one_per_step, plan_strided
+from esolm.sampling.speculative import draft_length, sample_speculative
 
 Tensor = torch.Tensor
 
@@ -71,8 +77,26 @@ class GenerationOutput:
         return [row[: int(n)].tolist() for row, n in zip(self.tokens, lengths)]
 
 
+def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in [lo, hi] (bools, floats and strings refused: UserError)."""
+    try:
+        v = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < lo or (hi is not None and v > hi):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise UserError(f"{what} must be an integer {span}, got {value!r}")
+    return v
+
+
 def _as_rows(ids, name: str) -> Tensor:
-    t = torch.as_tensor(ids, dtype=torch.long).cpu()
+    try:
+        t = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{name} must be a list of token ids or a [batch, n] tensor") from None
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+        raise UserError(f"{name} must hold integer token ids, got {t.dtype}")
+    t = t.to(torch.long).cpu()
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2:
@@ -80,73 +104,97 @@ def _as_rows(ids, name: str) -> Tensor:
     return t
 
 
-def _initial_tokens(length: int, fill: int, vocab: int, prompt_ids, infill, num_samples: int | None
+def _check_ids(ids: Tensor, what: str, vocab: int, mask_id: int | None) -> None:
+    """Given (clean) tokens: ids of the vocabulary, never the mask."""
+    if ids.numel() == 0:
+        return
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.numel():
+        raise UserError(f"{what} must be token ids in [0, {vocab}), got {int(bad[0])}")
+    if mask_id is not None and bool((ids == mask_id).any()):
+        raise UserError(f"{what} contains the mask id {mask_id}; leave a position free instead of giving a mask")
+
+
+def _initial_tokens(length: int, vocab: int, mask_id: int | None, prompt_ids, infill, num_samples: int | None
                     ) -> tuple[Tensor, int]:
-    """[N, L] tokens with the given ones in place and ``fill`` elsewhere; returns it and the prompt length."""
+    """[N, L] tokens with the given ones in place and the mask (0 without one) elsewhere; returns it and the
+    prompt length. UserError for ids outside the vocabulary, the mask id, or clashing positions."""
     rows = [1]
     prompt = None
+    p = 0
     if prompt_ids is not None:
         prompt = _as_rows(prompt_ids, "prompt_ids")
-        if prompt.shape[1] > length:
-            raise UserError(
-                f"prompt of {prompt.shape[1]} tokens is longer than the sequence length {length}")
+        p = prompt.shape[1]
+        if p > length:
+            raise UserError(f"prompt of {p} tokens is longer than the sequence length {length}")
+        _check_ids(prompt, "prompt_ids", vocab, mask_id)
         rows.append(prompt.shape[0])
     fill_in = None
     if infill is not None:
         if isinstance(infill, Mapping):
             fill_in = torch.full((1, length), -1, dtype=torch.long)
             for pos, tok in infill.items():
-                if not 0 <= int(pos) < length:
-                    raise UserError(f"infill position {pos} is outside [0, {length})")
-                fill_in[0, int(pos)] = int(tok)
+                i = _integer(pos, "infill position", 0, length - 1)
+                if fill_in[0, i] >= 0:
+                    raise UserError(f"infill position {i} is given twice")
+                fill_in[0, i] = _integer(tok, f"infill token at position {i}", 0, vocab - 1)
         else:
             fill_in = _as_rows(infill, "infill")
             if fill_in.shape[1] != length:
                 raise UserError(f"infill must give {length} entries (-1 = free), got {fill_in.shape[1]}")
+            if bool((fill_in < -1).any()):
+                raise UserError("infill entries must be token ids or -1 (free)")
+        _check_ids(fill_in[fill_in >= 0], "infill", vocab, mask_id)
+        if bool((fill_in[:, :p] >= 0).any()):
+            raise UserError(f"infill gives a position inside the prompt (its first {p} positions)")
         rows.append(fill_in.shape[0])
-    n = num_samples if num_samples is not None else max(rows)
-    if n < 1:
-        raise UserError(f"num_samples must be positive, got {n}")
+    n = max(rows) if num_samples is None else _integer(num_samples, "num_samples", 1)
     for r in rows:
         if r not in (1, n):
             raise UserError(f"conditioning has {r} rows but {n} samples are requested")
-    x = torch.full((n, length), fill, dtype=torch.long)
-    p = 0
+    x = torch.full((n, length), mask_id if mask_id is not None else 0, dtype=torch.long)
     if prompt is not None:
-        p = prompt.shape[1]
         x[:, :p] = prompt.expand(n, p)
     if fill_in is not None:
         given = (fill_in >= 0).expand(n, length)
         x = torch.where(given, fill_in.expand(n, length), x)
-    given_ids = x[x != fill] if fill >= 0 else x
-    if given_ids.numel() and (given_ids.min() < 0 or given_ids.max() >= vocab):
-        raise UserError(f"given token ids must lie in [0, {vocab})")
     return x, p
 
 
-def generate(model, method: Method | dict, num_samples: int | None = None, prompt_ids=None, infill=None,
+class _Request(NamedTuple):
+    method: Method
+    steps: int | None
+    alpha0: float | None  # Eso-LM's sampling alpha0, else None
+    top_p: float | None
+    length: int
+    tokens: Tensor  # [N, length] initial tokens (given ones in place, the mask elsewhere)
+    prompt_len: int
+    batch_size: int
+
+
+def _prepare(model, method: Method | dict, *, num_samples: int | None = None, prompt_ids=None, infill=None,
              steps: int | None = None, alpha0: float | None = None, top_p: float | None = None, seed: int = 0,
              batch_size: int | None = None, max_length: int | None = None, eos_id: int | None = None,
-             sampler: str = "auto", trace: bool = False, greedy: bool = False, bos_id: int | None = None,
-             step_callback: StepCallback | None = None) -> GenerationOutput:
-    """Sample from ``model`` with the sampler that its ``method`` dict calls for (see module docstring).
-
-    ``alpha0`` (Eso-LM) defaults to the method's training value and may differ from it. ``top_p`` enables
-    nucleus filtering; ``greedy`` takes the argmax. ``seed`` fixes every random choice (schedule, order
-    and token draws). AR models need a first token: ``prompt_ids`` or ``bos_id`` (default ``eos_id``).
-    """
+             sampler: str = "auto", bos_id: int | None = None, shuffle: bool = False, speculative=None,
+             draft: str = "fixed") -> _Request:
+    """``generate``'s argument checks (UserError/ConfigError) and its initial tokens."""
     method = as_method(method)
     name = method.name
-    if sampler not in SAMPLERS[name]:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS[name]:
         choices = ", ".join(SAMPLERS[name])
         raise UserError(f"sampler {sampler!r} does not apply to {name} (choose from {choices})")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise UserError(f"steps must be a positive integer, got {steps!r}")
+    if shuffle and sampler not in ("strided", "subcontext"):
+        raise UserError(f"shuffle applies to the strided (subcontext) sampler only, not to {sampler!r}")
+    if draft_length(speculative, draft) is not None and not (name == "esolm" and method.variant == "B"):
+        raise UserError(f"speculative decoding needs an Eso-LM (B) model, not {method.label}")
+    steps = None if steps is None else _integer(steps, "steps", 1)
+    batch_size = None if batch_size is None else _integer(batch_size, "batch_size", 1)
+    _integer(seed, "seed", -(2**63), 2**64 - 1)
     top_p = check_top_p(top_p)
     cfg = model.config
-    length = int(max_length) if max_length is not None else cfg.length
-    if not 1 <= length <= cfg.length:
-        raise UserError(f"max_length must lie in [1, {cfg.length}] (the model's length), got {max_length!r}")
+    length = cfg.length if max_length is None else _integer(
+        max_length, f"max_length (the model's length is {cfg.length})", 1, cfg.length)
+    a0 = None
     if name == "esolm":
         a0 = method.alpha0 if alpha0 is None else check_alpha0(alpha0)
     elif alpha0 is not None:
@@ -154,20 +202,55 @@ def generate(model, method: Method | dict, num_samples: int | None = None, promp
         raise UserError(f"alpha0 applies to Eso-LM only, not to {name}")
     if name != "ar" and cfg.mask_id is None:
         raise UserError(f"a {name} model needs a mask token (config.mask_id)")
-    if name == "ar":
-        if infill is not None:
-            raise UserError("infilling needs a diffusion model; an AR model only takes a prompt")
-        if prompt_ids is None or _as_rows(prompt_ids, "prompt_ids").shape[1] == 0:
-            start = bos_id if bos_id is not None else eos_id
-            if start is None:
-                raise UserError("AR sampling needs prompt_ids or a bos_id (or eos_id) to start from")
-            prompt_ids = [int(start)]
-    fill = cfg.mask_id if cfg.mask_id is not None else 0
-    x, prompt_len = _initial_tokens(length, fill, cfg.vocab_size, prompt_ids, infill, num_samples)
+    for what, i in (("eos_id", eos_id), ("bos_id", bos_id)):
+        if i is not None and _integer(i, what, 0, cfg.vocab_size - 1) == cfg.mask_id:
+            raise UserError(f"{what} {i} is the mask id")
+    if name == "ar" and infill is not None:
+        raise UserError("infilling needs a diffusion model; an AR model only takes a prompt")
+    needs_start = name == "ar" or (name == "bd3lm" and method.ignore_bos)
+    if needs_start and (prompt_ids is None or _as_rows(prompt_ids, "prompt_ids").shape[1] == 0):
+        start = bos_id if bos_id is not None else eos_id
+        if start is None:
+            what = "AR sampling" if name == "ar" else "a BD3-LM model trained with ignore_bos"
+            raise UserError(f"{what} needs prompt_ids or a bos_id (or eos_id) to start from")
+        prompt_ids = [int(start)]
+    x, prompt_len = _initial_tokens(length, cfg.vocab_size, cfg.mask_id, prompt_ids, infill, num_samples)
+    return _Request(method, steps, a0, top_p, length, x, prompt_len, batch_size or x.shape[0])
+
+
+def check_request(model, method: Method | dict, **kwargs) -> None:
+    """Raise the UserError/ConfigError that ``generate(model, method, **kwargs)`` raises for bad arguments,
+    without sampling (``kwargs``: generate's arguments other than ``trace``, ``greedy``, ``step_callback``)."""
+    _prepare(model, method, **kwargs)
+
+
+def generate(model, method: Method | dict, num_samples: int | None = None, prompt_ids=None, infill=None,
+             steps: int | None = None, alpha0: float | None = None, top_p: float | None = None, seed: int = 0,
+             batch_size: int | None = None, max_length: int | None = None, eos_id: int | None = None,
+             sampler: str = "auto", trace: bool = False, greedy: bool = False, bos_id: int | None = None,
+             step_callback: StepCallback | None = None, shuffle: bool = False,
+             speculative: bool | int | None = None, draft: str = "fixed") -> GenerationOutput:
+    """Sample from ``model`` with the sampler that its ``method`` dict calls for (see module docstring).
+
+    ``alpha0`` (Eso-LM) defaults to the method's training value and may differ from it. ``top_p`` enables
+    nucleus filtering; ``greedy`` takes the argmax. ``seed`` fixes every random choice (schedule, order
+    and token draws). AR models (and BD3-LM models trained with ``ignore_bos``) need a first token:
+    ``prompt_ids`` or ``bos_id`` (default ``eos_id``). ``shuffle`` applies to the strided sampler only.
+    ``speculative`` (Eso-LM (B); ``True`` or a draft length ``k >= 2``, ``draft="fixed"|"adaptive"``) decodes
+    the one-token steps (the sequential phase) by lossless self-speculative decoding: the same law, fewer
+    calls (:mod:`esolm.sampling.speculative`).
+    """
+    req = _prepare(model, method, num_samples=num_samples, prompt_ids=prompt_ids, infill=infill, steps=steps,
+                   alpha0=alpha0, top_p=top_p, seed=seed, batch_size=batch_size, max_length=max_length,
+                   eos_id=eos_id, sampler=sampler, bos_id=bos_id, shuffle=shuffle, speculative=speculative,
+                   draft=draft)
+    spec = draft_length(speculative, draft)
+    if spec is not None and step_callback is not None:
+        raise UserError("step_callback does not apply to speculative decoding")
+    method, steps, a0, top_p, length, x, prompt_len, bs = req
+    name = method.name
+    cfg = model.config
     n = x.shape[0]
-    bs = batch_size or n
-    if bs < 1:
-        raise UserError(f"batch_size must be positive, got {bs}")
 
     device = model.device
     plan_gen = torch.Generator().manual_seed(seed)
@@ -186,19 +269,21 @@ def generate(model, method: Method | dict, num_samples: int | None = None, promp
                 elif sampler == "first_hitting":
                     plan = plan_one_per_step(free, a0, plan_gen)
                 else:
-                    if a0 != 1.0:
-                        raise UserError("the strided (subcontext) schedule decodes everything by diffusion: "
-                                         "use alpha0=1")
-                    plan = plan_strided(free, steps or length, generator=plan_gen)
+                    plan = plan_strided(free, steps or length, a0, shuffle, plan_gen)
                 fn = sample_esolm_a if method.variant == "A" else sample_esolm_b
-                outs.append(fn(model, xb, plan, **kw))
+                if spec is not None:
+                    outs.append(sample_speculative(model, xb, plan, k=spec, adaptive=draft == "adaptive",
+                                                   eos_id=eos_id, top_p=top_p, generator=draw_gen, greedy=greedy,
+                                                   trace=trace))
+                else:
+                    outs.append(fn(model, xb, plan, **kw))
             elif name == "mdlm":
                 s = "ancestral" if sampler == "auto" else sampler
                 outs.append(sample_mdlm(model, xb, steps=steps, sampler=s, plan_generator=plan_gen, **kw))
             elif name == "bd3lm":
                 s = "ancestral" if sampler == "auto" else sampler
                 outs.append(sample_bd3(model, xb, method.block_size, steps=steps, sampler=s,
-                                       plan_generator=plan_gen, **kw))
+                                       plan_generator=plan_gen, ignore_bos=method.ignore_bos, **kw))
             else:
                 outs.append(sample_ar(model, xb, prompt_len, **kw))
     finally:
