@@ -26,13 +26,14 @@ def tiny_tokenizer(bos: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", **kw), vocab
 
 
-def tiny_judge(bos: bool, context: int, batch_size: int = 4):
+def tiny_judge(bos: bool, context: int, batch_size: int = 4, dtype: torch.dtype = torch.float64):
+    """A random GPT-2 judge; float64 by default, where the identities below hold to 1e-12."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok, vocab = tiny_tokenizer(bos)
     cfg = GPT2Config(vocab_size=len(vocab), n_positions=16, n_embd=16, n_layer=2, n_head=2,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel(cfg).to(dtype)
     return metrics.Judge(model, tok, context=context, batch_size=batch_size), vocab
 
 
@@ -61,28 +62,34 @@ def brute_force_nll(judge, vocab, text, bos):
 
 def test_entropy_hand_values():
     assert metrics.sample_entropies([[1, 1, 1, 1]]) == [0.0]
-    assert metrics.sample_entropies([[1, 2, 3, 4]])[0] == pytest.approx(math.log(4))
+    assert metrics.sample_entropies([[1, 2, 3, 4]])[0] == pytest.approx(math.log(4), rel=1e-12)  # float64
     # counts 2,1,1 -> p = .5,.25,.25
     h = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
-    assert metrics.sample_entropies(torch.tensor([[5, 5, 7, 9]]))[0] == pytest.approx(h)
+    assert metrics.sample_entropies(torch.tensor([[5, 5, 7, 9]]))[0] == pytest.approx(h, rel=1e-12)
     # average over samples, ignored ids removed before counting
-    assert metrics.unigram_entropy([[1, 2], [3, 3]]) == pytest.approx(math.log(2) / 2)
-    assert metrics.unigram_entropy([[1, 2, 0, 0]], ignore_ids=[0]) == pytest.approx(math.log(2))
+    assert metrics.unigram_entropy([[1, 2], [3, 3]]) == pytest.approx(math.log(2) / 2, rel=1e-12)
+    assert metrics.unigram_entropy([[1, 2, 0, 0]], ignore_ids=[0]) == pytest.approx(math.log(2), rel=1e-12)
     with pytest.raises(ValueError):
         metrics.unigram_entropy([])
 
 
+# float64 proves the identity (batched, padded windows == one unpadded pass per token) to 1e-12. float32 is
+# what judges run in: the summed NLL of a text (a sum of non-negative per-token NLLs) agrees to 1e-5 of its
+# size (~84 float32 eps; observed ~1e-7 of it), and so does the perplexity.
+@pytest.mark.parametrize("dtype,rtol", [pytest.param(torch.float64, 1e-12, id="float64"),
+                                        pytest.param(torch.float32, 1e-5, id="float32")])
 @pytest.mark.parametrize("bos", [True, False])
-def test_judge_perplexity_matches_brute_force(bos):
-    judge, vocab = tiny_judge(bos, context=16)
+def test_judge_perplexity_matches_brute_force(bos, dtype, rtol):
+    judge, vocab = tiny_judge(bos, context=16, dtype=dtype)
     score = judge.score(TEXTS)
     nll, n = zip(*(brute_force_nll(judge, vocab, t, bos) for t in TEXTS))
     assert score.tokens_per_sample == list(n)
     # with a BOS every word is scored; without one the first word of each text has no prediction
     assert score.tokens == sum(len(t.split()) - (0 if bos else 1) for t in TEXTS)
-    np.testing.assert_allclose(score.nll_per_sample, nll, rtol=1e-5)
-    assert score.perplexity == pytest.approx(math.exp(sum(nll) / sum(n)), rel=1e-5)
-    assert metrics.generative_perplexity(TEXTS, judge) == pytest.approx(score.perplexity)
+    np.testing.assert_allclose(score.nll_per_sample, nll, rtol=rtol, atol=0)
+    assert score.perplexity == pytest.approx(math.exp(sum(nll) / sum(n)), rel=rtol)
+    # the same computation: bitwise equal
+    assert metrics.generative_perplexity(TEXTS, judge) == score.perplexity
 
 
 def test_judge_windows_and_batches_aggregate_exactly():
@@ -92,14 +99,14 @@ def test_judge_windows_and_batches_aggregate_exactly():
     assert judge.windows([3]) == []
     score = judge.score(TEXTS)
     nll, n = zip(*(brute_force_nll(judge, vocab, t, True) for t in TEXTS))
-    np.testing.assert_allclose(score.nll_per_sample, nll, rtol=1e-5)
+    np.testing.assert_allclose(score.nll_per_sample, nll, rtol=1e-12, atol=0)  # float64 judge
     # any batch size gives the same exact aggregate; so does scoring subsets and merging
     judge.batch_size = 3
     again = judge.score(TEXTS)
-    np.testing.assert_allclose(again.nll_per_sample, score.nll_per_sample, rtol=1e-5)
+    np.testing.assert_allclose(again.nll_per_sample, score.nll_per_sample, rtol=1e-12, atol=0)
     merged = judge.score(TEXTS[:2]).merge(judge.score(TEXTS[2:]))
     assert merged.tokens == score.tokens
-    assert merged.perplexity == pytest.approx(score.perplexity, rel=1e-6)
+    assert merged.perplexity == pytest.approx(score.perplexity, rel=1e-12)
     # the exact aggregate is not the mean of per-sample perplexities
     per_sample = np.mean([math.exp(a / b) for a, b in zip(nll, n)])
     assert abs(per_sample - score.perplexity) > 1e-3
@@ -145,13 +152,14 @@ def test_featurizer_mean_pools_real_tokens_only(tmp_path):
     batched = feat(texts)
     alone = np.concatenate([feat([t]) for t in texts])
     assert batched.shape == (3, 16)
+    # features are float32 unit vectors (every entry <= 1 in size), so 1e-5 is ~84 float32 eps of the scale
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
     # hand mean pooling of the first text
     ids = torch.tensor([[vocab["the"], vocab["cat"]]])
     with torch.no_grad():
         h = model(input_ids=ids).last_hidden_state[0].mean(0)
-    np.testing.assert_allclose(batched[0], (h / h.norm()).numpy(), atol=1e-5)
+    np.testing.assert_allclose(batched[0], (h / h.norm()).numpy(), rtol=0, atol=1e-5)
     with pytest.raises(UserError):
         metrics.Featurizer.load(tmp_path / "missing")
 

@@ -18,14 +18,17 @@ from esolm.objectives import (
 V, MASK = 13, 12  # 12 real tokens + the mask
 
 
-def tiny_model(method: dict, length: int = 8, seed: int = 0, dropout: float = 0.0) -> DiT:
-    """A 2-layer DiT whose zero-initialised adaLN/output weights are re-drawn, so logits are not uniform."""
+def tiny_model(method: dict, length: int = 8, seed: int = 0, dropout: float = 0.0,
+               dtype: torch.dtype = torch.float64) -> DiT:
+    """A 2-layer DiT whose zero-initialised adaLN/output weights are re-drawn, so logits are not uniform.
+
+    float64 by default: losses == hand computations are identities, proven to 1e-12 only in float64."""
     torch.manual_seed(seed)
     cfg = model_config_for(method, vocab_size=V, mask_id=None if method["name"] == "ar" else MASK,
                            hidden_size=32, cond_dim=16, n_layers=2, n_heads=2, length=length, dropout=dropout)
     model = DiT(cfg)
     model.randomize_zero_init(0.3)
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -59,13 +62,13 @@ def test_schedule_values():
     s = LogLinearSchedule(0.25)
     t = torch.tensor([EPS, 0.5, 1.0], dtype=torch.float64)
     alpha = 0.25 * (1 - (1 - 1e-3) * t)
-    assert torch.allclose(s.alpha(t), alpha)
-    assert torch.allclose(s.dalpha(t), torch.full_like(t, -0.25 * 0.999))
-    assert torch.allclose(s.weight(t), -0.25 * 0.999 / (1 - alpha))
+    torch.testing.assert_close(s.alpha(t), alpha, rtol=1e-12, atol=0)  # float64 closed forms
+    torch.testing.assert_close(s.dalpha(t), torch.full_like(t, -0.25 * 0.999), rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.weight(t), -0.25 * 0.999 / (1 - alpha), rtol=1e-12, atol=0)
     assert (s.weight(t) < 0).all()
     assert torch.equal(LogLinearSchedule(0.0).weight(t), torch.zeros_like(t))
     # MDLM (alpha0 = 1): weight = -1/t exactly
-    assert torch.allclose(LogLinearSchedule(1.0).weight(t), -1 / t)
+    torch.testing.assert_close(LogLinearSchedule(1.0).weight(t), -1 / t, rtol=1e-12, atol=0)
 
 
 def test_antithetic_times_stratified_and_rank_consistent():
@@ -75,8 +78,10 @@ def test_antithetic_times_stratified_and_rank_consistent():
     bins = torch.floor((full - EPS) / (1 - EPS) * len(full)).long()
     assert sorted(bins.tolist()) == list(range(len(full)))  # one time in each 1/n bin
     parts = [antithetic_times(n_local, gen(7), rank=r, world_size=world) for r in range(world)]
-    assert torch.allclose(torch.cat(parts), full, atol=1e-6)  # union over ranks == single-process batch
-    # identical u on every rank: the offset inside the bin is the same everywhere
+    # union over ranks == single-process batch; times are float32 in [0, 1]: 1e-6 is ~8 float32 eps of 1
+    assert torch.allclose(torch.cat(parts), full, rtol=0, atol=1e-6)
+    # identical u on every rank: the offset inside the bin is the same everywhere (float32 times scaled by
+    # n = 12 before the fractional part: ~12 * 8 eps32 ~ 1e-5 of rounding; 1e-4 keeps a 10x margin)
     offsets = [((p - EPS) / (1 - EPS) * len(full)) % 1 for p in parts]
     assert all(torch.allclose(o, offsets[0][:1].expand_as(o), atol=1e-4) for o in offsets)
     # a different seed moves the offset
@@ -129,7 +134,7 @@ def test_ar_loss_hand_computed_with_padding():
             total -= torch.log_softmax(logits, -1)[x[b, i]].item()
             count += 1
     assert int(out.terms["ar"][1]) == count == 7 + 4
-    assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert out.loss.item() == pytest.approx(total / count, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- MDLM
@@ -154,10 +159,13 @@ def test_mdlm_loss_hand_computed(low_var):
     assert is_mask.any() and (~is_mask).any()
     lp = log_probs(model(xt)).gather(-1, x[..., None])[..., 0]
     ce = -(lp * is_mask).sum(1)  # per-sequence CE on masked tokens only (carry-over)
-    elbo = (ce / t.double()).sum() / x.numel()  # weight -alpha'/(1-alpha) = 1/t
-    assert evals.loss.item() == pytest.approx(elbo.item(), rel=1e-5)
+    # weight -alpha'/(1-alpha) = 1/t (test_schedule_values), taken from the schedule at the objective's float32
+    # t: the objective computes it in float32, ~1e-7/t off 1/t in float64, which would hide the 1e-12 check
+    w = -LogLinearSchedule(1.0).weight(t).double()
+    elbo = (ce * w).sum() / x.numel()
+    assert evals.loss.item() == pytest.approx(elbo.item(), rel=1e-12)
     expected_train = ce.sum() / x.numel() if low_var else elbo
-    assert train.loss.item() == pytest.approx(expected_train.item(), rel=1e-5)
+    assert train.loss.item() == pytest.approx(expected_train.item(), rel=1e-12)
     assert obj.training is False and model.training is False
 
 
@@ -193,11 +201,11 @@ def test_esolm_diffusion_term_hand_computed(variant):
         mask = _hand_mask(variant, n_clean, 8)[None, None]
         logits = model(xt[b, order][None], positions=torch.tensor([order]), mask=mask)[0]
         lp = log_probs(logits)
-        w = alpha0 * 0.999 / (1 - sched.alpha(t[b]).double())  # -alpha'/(1-alpha)
+        w = -sched.weight(t[b]).double()  # -alpha'/(1-alpha) in float32, as the objective (see the MDLM test)
         for i, p in enumerate(order):
             if is_mask[b, p]:
                 total -= w.item() * lp[i, x[b, p]].item()
-    assert out.loss.item() == pytest.approx(total / x.numel(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(total / x.numel(), rel=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["B", "A"])
@@ -224,7 +232,7 @@ def test_esolm_sequential_term_equals_token_by_token(variant):
             ids = [int(x[b, p]) for p in order[:i]] + [MASK]
             mask = None if variant == "B" else masks.prefix_lm(nc, i + 1)
             total -= logp_last(model, ids, order[:i + 1], mask)[x[b, order[i]]].item()
-    assert out.loss.item() == pytest.approx(total / x.numel(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(total / x.numel(), rel=1e-12)
 
 
 def test_esolm_alpha0_zero_is_exact_ar_nll():
@@ -237,9 +245,10 @@ def test_esolm_alpha0_zero_is_exact_ar_nll():
         for i in range(8):  # [x_<i clean ; mask at i], causal, natural positions, read the last logit
             brute -= logp_last(model, x[b, :i].tolist() + [MASK], list(range(i + 1)))[x[b, i]].item()
     assert int(out.terms["ar"][1]) == 16
-    assert out.loss.item() == pytest.approx(brute / 16, rel=1e-5)
+    assert out.loss.item() == pytest.approx(brute / 16, rel=1e-12)
     # and it does not depend on the random draws at all
-    assert build_objective(method)(model, x, generator=gen(99)).loss.item() == pytest.approx(out.loss.item())
+    assert build_objective(method)(model, x, generator=gen(99)).loss.item() == pytest.approx(out.loss.item(),
+                                                                                             rel=1e-12)
 
 
 def test_batch_split_semantics():
@@ -251,9 +260,9 @@ def test_batch_split_semantics():
     g = gen(4)  # MDM draws first (first half of the batch), then the AR draws (second half)
     mdm = build_objective({**method, "batch_split": 1.0})(model, x[:2], generator=g)
     ar = build_objective({**method, "batch_split": 0.0})(model, x[2:], generator=g)
-    assert torch.allclose(out.terms["mdm"][0], mdm.terms["mdm"][0])
-    assert torch.allclose(out.terms["ar"][0], ar.terms["ar"][0])
-    assert out.loss.item() == pytest.approx(mdm.loss.item() + ar.loss.item(), rel=1e-6)
+    torch.testing.assert_close(out.terms["mdm"][0], mdm.terms["mdm"][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.terms["ar"][0], ar.terms["ar"][0], rtol=1e-12, atol=0)
+    assert out.loss.item() == pytest.approx(mdm.loss.item() + ar.loss.item(), rel=1e-12)
 
 
 def test_low_var_only_in_training():
@@ -264,7 +273,8 @@ def test_low_var_only_in_training():
     train = obj(model, x, generator=gen(6)).terms["mdm"][0]
     evals = obj.eval()(model, x, generator=gen(6)).terms["mdm"][0]
     elbo = build_objective({**method, "low_var": False})(model, x, generator=gen(6)).terms["mdm"][0]
-    assert torch.allclose(evals, elbo) and not torch.allclose(train, elbo)
+    torch.testing.assert_close(evals, elbo, rtol=1e-12, atol=0)
+    assert not torch.allclose(train, elbo)
 
 
 # ---------------------------------------------------------------------------------------------- BD3-LM
@@ -276,7 +286,7 @@ def test_bd3lm_full_block_equals_mdlm():
     x = tokens(3, 8)
     bd3 = build_objective({"name": "bd3lm", "block_size": 8}).eval()(model, x, generator=gen(8))
     mdlm = build_objective({"name": "mdlm"}).eval()(model, x, generator=gen(8))
-    assert bd3.loss.item() == pytest.approx(mdlm.loss.item(), rel=1e-5)
+    assert bd3.loss.item() == pytest.approx(mdlm.loss.item(), rel=1e-12)  # float64 model, same float32 weights
 
 
 def test_bd3lm_hand_computed_blocks():
@@ -302,8 +312,9 @@ def test_bd3lm_hand_computed_blocks():
             lp = log_probs(logits[lo:hi])
             for k in range(bs):
                 if mask_blk[k]:
-                    total -= lp[k, x[b, lo + k]].item() / t[b, blk].item()
-    assert out.loss.item() == pytest.approx(total / x.numel(), rel=1e-5)
+                    # weight 1/t, in float32 as the objective computes it (see the MDLM test)
+                    total += lp[k, x[b, lo + k]].item() * LogLinearSchedule(1.0).weight(t[b, blk]).item()
+    assert out.loss.item() == pytest.approx(total / x.numel(), rel=1e-12)
 
 
 def test_bd3lm_clip_only_in_training():
@@ -340,7 +351,7 @@ def test_padding_contributes_nothing(method):
     y[~valid] = (x[~valid] + 5) % MASK  # different padding content
     obj = build_objective(method)
     a, b = obj(model, x, valid, generator=gen(2)), obj(model, y, valid, generator=gen(2))
-    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6, abs=1e-7)
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-12, abs=0)  # float64 model
     if method["name"] != "ar":
         assert int(a.tokens) == int(valid.sum())
     full = obj(model, x, generator=gen(2))
@@ -349,7 +360,7 @@ def test_padding_contributes_nothing(method):
 
 @pytest.mark.parametrize("method", ALL_METHODS, ids=lambda m: m["name"] + m.get("variant", ""))
 def test_objectives_keep_model_mode_and_backprop(method):
-    model = tiny_model(method, dropout=0.1).train()
+    model = tiny_model(method, dropout=0.1, dtype=torch.float32).train()  # the training dtype
     out = build_objective(method)(model, tokens(4, 8), generator=gen(3))
     assert model.training
     out.loss.backward()

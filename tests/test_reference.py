@@ -15,8 +15,24 @@ from esolm.io import load_pretrained
 from esolm.model import masks
 
 FILES = reference_files()
-TOL = 1e-5
 NEG = -1e6
+# The fixtures are float32 outputs of the authors' code; ours round differently (other kernels, other
+# summation orders, another CPU). The longest sum in these networks has 256 terms (the MLP), whose rounding
+# grows like sqrt(256) * eps32 ~ 1.9e-6 of the logits' scale; we allow twice that. Observed on AVX2 and
+# ATEN_CPU_CAPABILITY=default: <= 6.1e-7 of the scale (~1.5).
+FIXTURE_RTOL = 4e-6
+
+
+def assert_matches_fixture(got, ref, mask_id=None, msg=""):
+    """``got == ref`` to ``FIXTURE_RTOL`` of the largest reference logit (the mask column, set to -1e6 in
+    step logits, is compared exactly and left out of the scale)."""
+    keep = torch.ones(ref.shape[-1], dtype=torch.bool)
+    if mask_id is not None:
+        keep[mask_id] = False
+        assert torch.equal(got[..., mask_id], ref[..., mask_id]), msg
+    tol = FIXTURE_RTOL * ref[..., keep].abs().max().item()
+    assert (got[..., keep] - ref[..., keep]).abs().max().item() <= tol, msg
+    return tol
 
 
 def test_reference_fixtures_are_present():
@@ -68,7 +84,7 @@ def test_diffusion_phase_logits(path):
     with torch.no_grad():
         logits = model(zt, positions=sort_idx, mask=mask)
     assert logits.dtype == torch.float32
-    assert (logits - d["logits"]).abs().max().item() <= TOL
+    assert_matches_fixture(logits, d["logits"])
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -84,7 +100,7 @@ def test_sequential_phase_logits(path):
         mask = masks.sequential_prefix(n_clean, length)
     with torch.no_grad():
         logits = model(torch.cat([zt, x0], 1), positions=torch.cat([sort_idx, sort_idx], 1), mask=mask)
-    assert (logits[:, :length] - s["logits"]).abs().max().item() <= TOL
+    assert_matches_fixture(logits[:, :length], s["logits"])
 
 
 def _cached_fixtures():
@@ -126,7 +142,10 @@ def test_cached_generation_steps_match_uncached_causal_forward(path):
         logits[..., mask_id] = NEG
         ref = g["step_logits"][k]
         assert ref.shape == (b, end - start, fixture["vocab_size"])
-        assert (logits - ref).abs().max().item() <= TOL, f"step {k}"
+        tol = assert_matches_fixture(logits, ref, mask_id, f"step {k}")
+        # the greedy tokens are portable: the reference's top-2 gaps are far wider than the tolerance
+        top2 = ref.topk(2, -1).values
+        assert (top2[..., 0] - top2[..., 1]).min().item() > 2 * tol, f"step {k}"
         assert torch.equal(logits.argmax(-1), tokens[:, start:end]), f"step {k}"
         assert torch.equal(ref.argmax(-1), tokens[:, start:end]), f"step {k}"
 
@@ -150,5 +169,5 @@ def test_cached_generation_steps_match_kv_cached_backbone(path):
         assert cache.length == start
         logits = logits[:, start - prev:]
         logits[..., mask_id] = NEG
-        assert (logits - g["step_logits"][k]).abs().max().item() <= TOL, f"step {k}"
+        assert_matches_fixture(logits, g["step_logits"][k], mask_id, f"step {k}")
         prev = start

@@ -22,17 +22,27 @@ from esolm.sampling import (
 )
 
 V, M, L = 17, 16, 16
-TOL = 1e-5
+# Every identity is proven in float64 (1e-10) and checked in float32, the dtype samplers run in, where two
+# computations that round differently agree to 1e-5 of the logits' scale (~84 float32 eps; the longest dot
+# product has 128 terms, whose rounding grows like sqrt(128) eps ~ 1.3e-6 of the scale: an 8x margin).
+DTYPES = [torch.float64, torch.float32]
+FP32_RTOL = 1e-5
 
 
-def tiny_model(adaln: bool = True, seed: int = 0, length: int = L) -> DiT:
+def assert_same(got, ref):
+    """``got == ref`` to 1e-10 in float64, or to ``FP32_RTOL`` of the reference's largest logit in float32."""
+    atol = 1e-10 if ref.dtype == torch.float64 else FP32_RTOL * ref.abs().max().item()
+    torch.testing.assert_close(got, ref, rtol=0.0, atol=atol)
+
+
+def tiny_model(adaln: bool = True, seed: int = 0, length: int = L, dtype: torch.dtype = torch.float32) -> DiT:
     """A random tiny network whose zero-initialised adaLN/output weights are made non-zero."""
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=V, mask_id=M if adaln else None, hidden_size=32, cond_dim=16, n_layers=2,
                       n_heads=2, length=length, adaln=adaln)
     model = DiT(cfg)
     model.randomize_zero_init(0.2)
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 class Recorder:
@@ -59,10 +69,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("alpha0", [0.5, 1.0])
-def test_esolm_b_every_step_equals_uncached_causal_pass(case, alpha0):
-    model = tiny_model()
+def test_esolm_b_every_step_equals_uncached_causal_pass(case, alpha0, dtype):
+    model = tiny_model(dtype=dtype)
     x = start_tokens(3, **CASES[case])
     g = torch.Generator().manual_seed(1)
     plan = plan_binomial(x == M, 2, alpha0, g)
@@ -77,15 +88,16 @@ def test_esolm_b_every_step_equals_uncached_causal_pass(case, alpha0):
         for _, lo, hi, logits, state in rec.steps:
             assert (state[:, lo:] == M).all() and (state[:, :lo] != M).all()
             ref = model(state, plan.order, mask=causal)[:, lo:hi]
-            torch.testing.assert_close(logits, ref, atol=TOL, rtol=0)
+            assert_same(logits, ref)
     # the given tokens are kept and nothing is left masked
     given = x != M
     assert torch.equal(out.tokens[given], x[given]) and not (out.tokens == M).any()
 
 
-def test_esolm_b_sequential_phase_equals_training_pass():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_esolm_b_sequential_phase_equals_training_pass(dtype):
     """The cached sequential steps equal the z-half of the 2L training pass (``masks.sequential``)."""
-    model = tiny_model(seed=3)
+    model = tiny_model(seed=3, dtype=dtype)
     x = start_tokens(2, prompt=[7, 7])
     plan = plan_binomial(x == M, 3, 0.4, torch.Generator().manual_seed(5))
     rec = Recorder()
@@ -100,11 +112,12 @@ def test_esolm_b_sequential_phase_equals_training_pass():
     seq = [s for s in rec.steps if s[1] >= prefix]
     assert len(seq) == L - prefix > 0
     for _, lo, hi, logits, _ in seq:
-        torch.testing.assert_close(logits, full[:, lo:hi], atol=TOL, rtol=0)
+        assert_same(logits, full[:, lo:hi])
 
 
-def test_esolm_b_strided_schedule_is_exact():
-    model = tiny_model(seed=4)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_esolm_b_strided_schedule_is_exact(dtype):
+    model = tiny_model(seed=4, dtype=dtype)
     x = start_tokens(2)
     plan = plan_strided(x == M, 4, shuffle=True, generator=torch.Generator().manual_seed(0))
     rec = Recorder()
@@ -113,12 +126,13 @@ def test_esolm_b_strided_schedule_is_exact():
     with torch.no_grad():
         for _, lo, hi, logits, state in rec.steps:
             ref = model(state, plan.order, mask=masks.causal(L))[:, lo:hi]
-            torch.testing.assert_close(logits, ref, atol=TOL, rtol=0)
+            assert_same(logits, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["plain", "prompt"])
-def test_esolm_a_both_phases_equal_uncached_passes(case):
-    model = tiny_model(seed=1)
+def test_esolm_a_both_phases_equal_uncached_passes(case, dtype):
+    model = tiny_model(seed=1, dtype=dtype)
     x = start_tokens(3, **CASES[case])
     plan = plan_binomial(x == M, 4, 0.5, torch.Generator().manual_seed(3))
     rec = Recorder()
@@ -139,14 +153,15 @@ def test_esolm_a_both_phases_equal_uncached_passes(case):
             else:
                 ref = seq_full[:, lo:hi]
                 n_seq += 1
-            torch.testing.assert_close(logits, ref, atol=TOL, rtol=0)
+            assert_same(logits, ref)
     assert n_seq == L - prefix
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
 @pytest.mark.parametrize("prompt", [None, [5, 6, 7, 8, 9]])
-def test_bd3_every_call_equals_block_diffusion_pass(sampler, prompt):
-    model = tiny_model(seed=2)
+def test_bd3_every_call_equals_block_diffusion_pass(sampler, prompt, dtype):
+    model = tiny_model(seed=2, dtype=dtype)
     x = start_tokens(2, prompt=prompt)
     rec = Recorder()
     out = sample_bd3(model, x, 4, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(0),
@@ -160,12 +175,13 @@ def test_bd3_every_call_equals_block_diffusion_pass(sampler, prompt):
         for _, lo, hi, logits, state in rec.steps:
             assert (state[:, :lo] != M).all()
             ref = model(torch.cat([state, state], 1), torch.cat([pos, pos], 1), mask=mask)[:, lo:hi]
-            torch.testing.assert_close(logits, ref, atol=TOL, rtol=0)
+            assert_same(logits, ref)
     assert not (out.tokens == M).any()
 
 
-def test_ar_cached_equals_uncached():
-    model = tiny_model(adaln=False, seed=5)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ar_cached_equals_uncached(dtype):
+    model = tiny_model(adaln=False, seed=5, dtype=dtype)
     x = torch.zeros(2, L, dtype=torch.long)
     x[:, :3] = torch.tensor([1, 2, 3])
     rec = Recorder()
@@ -174,7 +190,7 @@ def test_ar_cached_equals_uncached():
     with torch.no_grad():
         for _, i, _, logits, state in rec.steps:
             ref = model(state[:, :i], mask=masks.causal(i))[:, -1:]
-            torch.testing.assert_close(logits, ref, atol=TOL, rtol=0)
+            assert_same(logits, ref)
     assert torch.equal(out.tokens[:, :3], x[:, :3])
 
 
@@ -194,9 +210,11 @@ def test_cached_step_mask_is_a_slice_of_the_causal_mask():
             assert torch.equal(causal[:, :, start:start + n, :start + n], masks.cached_step(start, n))
 
 
-def test_frozen_conditioning_gives_identical_logits():
-    """Samplers precompute the adaLN modulations once (sigma = 0); the network output is unchanged."""
-    model = tiny_model(seed=6)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_frozen_conditioning_gives_identical_logits(dtype):
+    """Samplers precompute the adaLN modulations once (sigma = 0); the network output is unchanged (the
+    same operations on the same numbers: bitwise equal)."""
+    model = tiny_model(seed=6, dtype=dtype)
     x = torch.randint(0, V, (3, L))
     pos = torch.randperm(L).expand(3, L)
     with torch.no_grad():
@@ -208,8 +226,9 @@ def test_frozen_conditioning_gives_identical_logits():
     assert tiny_model(adaln=False).frozen_conditioning(3) is None
 
 
-def test_esolm_b_without_cache_gives_the_same_steps():
-    model = tiny_model(seed=7)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_esolm_b_without_cache_gives_the_same_steps(dtype):
+    model = tiny_model(seed=7, dtype=dtype)
     x = start_tokens(3, prompt=[2, 2, 2])
     plan = plan_binomial(x == M, 3, 0.5, torch.Generator().manual_seed(0))
     runs = []
@@ -221,4 +240,4 @@ def test_esolm_b_without_cache_gives_the_same_steps():
     (a, ra), (b, rb) = runs
     assert a.nfe == b.nfe == plan.nfe and torch.equal(a.tokens, b.tokens)
     for sa, sb in zip(ra.steps, rb.steps):
-        torch.testing.assert_close(sa[3], sb[3], atol=TOL, rtol=0)
+        assert_same(sa[3], sb[3])
