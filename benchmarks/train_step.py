@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from esolm.likelihood import anyorder_loglik, sample_orders
+from esolm.likelihood import anyorder_loglik
 from esolm.methods import model_config_for
 from esolm.model.backbone import DiT
 from esolm.objectives import build_objective
+from esolm.orders import sample_orders
 
 METHODS = {
     "AR": {"name": "ar"},
