@@ -229,9 +229,12 @@ def test_iw_k_huge_is_refused_only_when_one_row_cannot_fit(ws, capsys, monkeypat
     assert perplexity.iw_row_bytes(cfg) == row
     assert row == 75 * 1024
     monkeypatch.setattr(perplexity, "available_memory", lambda device: row // 2)
-    rc, _, err = run_cli(["eval", ws["eso"], "--iw-k", "100000000", "--data", ws["data"], "--val-fraction", 0.5],
+    rc, _, err = run_cli(["eval", ws["eso"], "--iw-k", "65536", "--data", ws["data"], "--val-fraction", 0.5],
                          capsys)
     assert_one_line(rc, err, "eval", "needs 75.0 KiB per (order, sequence) row", "only 37.5 KiB is free")
+    # a typo-sized K is refused before the model is even loaded (days of 2L passes, whatever the memory)
+    rc, _, err = run_cli(["eval", "no/such/model.ckpt", "--iw-k", "100000000"], capsys)
+    assert_one_line(rc, err, "eval", "above 65,536 orders")
     monkeypatch.setattr(perplexity, "available_memory", lambda device: row - 1)
     with pytest.raises(UserError, match="per \\(order, sequence\\) row"):
         perplexity.iw_chunk_rows(cfg, 16)

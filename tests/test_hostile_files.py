@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from esolm import cli, io
 from esolm.config import ModelConfig
-from esolm.errors import CheckpointError, EsoLMError
+from esolm.errors import CheckpointError, ConfigError, EsoLMError
 from esolm.model.backbone import DiT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -446,5 +446,5 @@ def test_config_checks_do_not_build_the_model(monkeypatch):
     with pytest.raises(CheckpointError, match="memory is available"):
         io.check_config(ModelConfig(vocab_size=10**9, mask_id=0, hidden_size=4096, n_heads=32, n_layers=48), "x")
     assert built == [1]
-    with pytest.raises(CheckpointError, match="model length"):
-        io.check_config(ModelConfig(length=1 << 21), "x")
+    with pytest.raises(ConfigError, match="model length"):  # ModelConfig itself refuses it
+        ModelConfig(length=1 << 21)

@@ -197,3 +197,18 @@ def test_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path, cache, monke
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and "could not write checkpoint" in line and "No space left on device" in line, line
     assert list((out / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.hidden_size=100000", "GiB as float32, but only"),   # ~1e11 parameters: refused before allocation
+    ("data.length=1000000000", "larger than esolm accepts"),    # refused in validation, before any data work
+])
+def test_models_too_big_for_the_machine_fail_before_allocating(override, match, tmp_path, cache, capsys):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rc = main(args(tmp_path / "out", cache, override))
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and match in error_line(err), err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing big was allocated
+    assert not (tmp_path / "out").exists()

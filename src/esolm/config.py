@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from esolm.errors import ConfigError
 
+MAX_LENGTH = 1 << 20  # longest model length esolm accepts (rotary positions, masks and caches are O(L) to O(L^2))
+
 
 @dataclass
 class ModelConfig:
@@ -46,6 +48,7 @@ class ModelConfig:
             v = getattr(self, name)
             req(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                 f"{name} must be a positive integer, got {v!r}")
+        req(self.length <= MAX_LENGTH, f"model length {self.length:,} is larger than esolm accepts ({MAX_LENGTH:,})")
         req(self.hidden_size % self.n_heads == 0,
             f"n_heads ({self.n_heads}) must divide hidden_size ({self.hidden_size})")
         req(self.head_dim % 2 == 0, f"head dimension hidden_size/n_heads = {self.head_dim} must be even for rotary")

@@ -64,11 +64,12 @@ def run(args) -> int:
     from esolm.devices import resolve_device
     from esolm.errors import UserError
     from esolm.evaluation.datasets import PAD_MODE_SOURCES, eval_texts, resolve_data, token_dataset, zero_shot_texts
-    from esolm.evaluation.perplexity import evaluate, iw_chunk_rows
+    from esolm.evaluation.perplexity import check_iw_ks, evaluate, iw_chunk_rows
     from esolm.io import atomic_json, check_writable, load_model
     from esolm.methods import require_any_order
 
     ks, zero_shot = args.iw_k, args.zero_shot or []
+    check_iw_ks(ks)
     device = resolve_device(args.device)
     if args.json:
         check_writable(args.json)

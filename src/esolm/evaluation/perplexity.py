@@ -110,6 +110,18 @@ def _iw_nll(model, x0: Tensor, valid: Tensor, k: int, alpha0: float, generator: 
     return math.log(k) - log_sum
 
 
+MAX_IW_K = 1 << 16  # orders per sequence; the paper's largest is 5000, and each order is one 2L pass
+
+
+def check_iw_ks(iw_ks: Sequence[int]) -> None:
+    """IW K values: positive integers up to :data:`MAX_IW_K` (a typo such as 100000000 would be days of work)."""
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in iw_ks):
+        raise UserError(f"IW K values must be positive integers, got {list(iw_ks)}")
+    if any(k > MAX_IW_K for k in iw_ks):
+        raise UserError(f"IW K values above {MAX_IW_K:,} orders are refused (each order is one 2L pass per "
+                        f"sequence), got {max(iw_ks):,}")
+
+
 @torch.no_grad()
 def evaluate(model, method: Method | dict, ids: np.ndarray, valid: np.ndarray, *, dataset: str = "data",
              batch_size: int = 16, iw_ks: Sequence[int] = (), iw_alpha0: float | None = None,
@@ -125,8 +137,7 @@ def evaluate(model, method: Method | dict, ids: np.ndarray, valid: np.ndarray, *
     device = next(model.parameters()).device
     if iw_ks:
         require_any_order(method, "the importance-weighted bound")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in iw_ks):
-            raise UserError(f"IW K values must be positive integers, got {list(iw_ks)}")
+        check_iw_ks(iw_ks)
         a0 = method.alpha0 if iw_alpha0 is None else check_alpha0(iw_alpha0, "iw_alpha0")
         chunk = iw_chunk_rows(model.config, batch_size, iw_chunk, device)
     was_training = model.training

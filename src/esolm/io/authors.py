@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from esolm.config import ModelConfig
-from esolm.errors import CheckpointError
+from esolm.errors import CheckpointError, ConfigError
 
 NON_BACKBONE_PREFIXES = ("noise.", "metrics.", "ema.")
 
@@ -121,11 +121,14 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         raise CheckpointError(f"Hugging Face config.json lacks integer {', '.join(missing)}")
     vocab = cfg["vocab_size"]
     mask = cfg.get("mask_index", vocab - 1)
-    return ModelConfig(
-        vocab_size=vocab, mask_id=mask, hidden_size=hidden, cond_dim=int(cfg.get("cond_dim", 128)),
-        n_layers=cfg["n_blocks"], n_heads=cfg["n_heads"], length=cfg["model_length"],
-        dropout=float(cfg.get("dropout", 0.1)),
-    )
+    try:
+        return ModelConfig(
+            vocab_size=vocab, mask_id=mask, hidden_size=hidden, cond_dim=int(cfg.get("cond_dim", 128)),
+            n_layers=cfg["n_blocks"], n_heads=cfg["n_heads"], length=cfg["model_length"],
+            dropout=float(cfg.get("dropout", 0.1)),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"Hugging Face config.json: {e}") from None
 
 
 def method_from_hf(cfg: dict, name_or_path: str = "") -> dict:

@@ -26,7 +26,6 @@ from esolm.errors import CheckpointError
 from esolm.io.safe_pickle import one_line
 from esolm.model.backbone import DiT
 
-MAX_LENGTH = 1 << 20  # longest model length esolm accepts
 LAYER_OVERHEAD = 64 << 10  # bytes of Python objects per transformer block (measured: ~32-66 KiB)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 ROTARY_BUFFER = "rotary_emb.inv_freq"  # a fixed function of the config: checkpoints may omit it
@@ -107,10 +106,9 @@ def layout(cfg: ModelConfig) -> Layout:
 
 
 def check_config(cfg: ModelConfig, where: str) -> None:
-    """Refuse a config whose length is absurd or whose model would not fit in the available memory
-    (parameters x 4 bytes, plus the Python objects of its blocks), before anything is allocated."""
-    if cfg.length > MAX_LENGTH:
-        raise CheckpointError(f"{where}: model length {cfg.length:,} is larger than esolm accepts ({MAX_LENGTH:,})")
+    """Refuse a config whose model would not fit in the available memory (parameters x 4 bytes, plus the
+    Python objects of its blocks), before anything is allocated (``ModelConfig`` itself refuses absurd
+    lengths: :data:`esolm.config.MAX_LENGTH`)."""
     params = parameter_count(cfg)
     need = 4 * params + LAYER_OVERHEAD * cfg.n_layers
     avail = available_memory()
@@ -288,4 +286,4 @@ def strip_prefix(state: dict, prefix: str) -> dict:
 
 __all__ = ["Layout", "layout", "parameter_count", "check_config", "model_config_from_dict", "check_state",
            "build_model", "read_safetensors_header", "check_header", "read_safetensors", "available_memory",
-           "MAX_LENGTH", "strip_prefix"]
+           "strip_prefix"]

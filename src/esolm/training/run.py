@@ -27,6 +27,7 @@ from esolm.data import DataSplits, build_datasets, default_cache_dir
 from esolm.data.tokenizers import Tokenizer, get_tokenizer
 from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io.atomic import atomic_write, check_writable
+from esolm.io.weights import available_memory, parameter_count
 from esolm.recipes import RunConfig
 from esolm.training.callbacks import EMA, InterruptWatch
 from esolm.training.checkpoints import (
@@ -72,6 +73,22 @@ def available_devices(accelerator: str) -> tuple[str, int]:
     if accelerator == "mps" or (accelerator == "auto" and mps):
         return "MPS GPU", mps
     return "CPU core", os.cpu_count() or 1
+
+
+TRAINING_COPIES = 5  # weights, gradients, AdamW's two moments, EMA: float32 copies of every parameter
+
+
+def check_memory(cfg: RunConfig, tokenizer: Tokenizer) -> None:
+    """Refuse a model whose float32 training state (weights, gradients, optimizer moments, EMA) cannot fit in
+    the available host memory, before anything is allocated (the parameter count comes from the meta device)."""
+    mcfg = cfg.model_config(tokenizer.vocab_size, tokenizer.mask_id if cfg.method.name != "ar" else None)
+    params = parameter_count(mcfg)
+    need = 4 * TRAINING_COPIES * params
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ConfigError(
+            f"the model has {params:,} parameters: weights, gradients, optimizer state and EMA need "
+            f"{need / (1 << 30):.1f} GiB as float32, but only {avail / (1 << 30):.1f} GiB of memory is available")
 
 
 def check_machine(cfg: RunConfig) -> None:
@@ -149,6 +166,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     ckpt_path = resolve_resume(cfg)
     changes = resume_changes(ckpt_path, cfg) if ckpt_path is not None else {}
     tokenizer = get_tokenizer(cfg.data.tokenizer)
+    check_memory(cfg, tokenizer)
     cache = cfg.data.cache_dir or default_cache_dir()
     need = cfg.micro_batch * cfg.world_size
     splits = build_datasets(cfg.data.source, tokenizer, cfg.data.length, cfg.data.mode, cfg.data.val_fraction,
