@@ -29,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
         print(TASKS_DIR)
         return 0
     try:
-        import esolm.integrations.lm_eval  # noqa: F401 - registers the "esolm" model
         from lm_eval.__main__ import cli_evaluate
+
+        import esolm.integrations.lm_eval  # noqa: F401 - registers the "esolm" model
     except ModuleNotFoundError as e:
         if e.name is None or not e.name.startswith("lm_eval"):
             raise
@@ -41,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
 
         from esolm.integrations.lm_eval import check_model_args
 
-        check_model_args(simple_parse_args_string(model_args))  # before lm-eval indexes its tasks
+        parsed = simple_parse_args_string(model_args)
+        clash = sorted({"batch_size", "max_batch_size", "device"} & set(parsed))
+        if clash:  # lm-eval's CLI always passes these itself
+            raise UserError(f"give {', '.join('--' + k for k in clash)} as lm-eval options, not in --model_args")
+        check_model_args(parsed)  # before lm-eval indexes its tasks
     saved = sys.argv
     sys.argv = ["lm-eval", *args.lm_eval_args]
     try:
