@@ -15,6 +15,7 @@ builder                who uses it                                              
 ``sequential_prefix``  Eso-LM (A) sequential phase (clean x-prefix bidirectional)  [B, 1, 2L, 2L]
 ``block_diffusion``    BD3-LM training, 2L tokens ``[x_t ; x_0]``, block size L'   [1, 1, 2L, 2L]
 ``cached_step``        one KV-cached decoding step: all cache + causal new tokens  [1, 1, n, c + n]
+``slot_step``          speculative decoding: per-row cache + clean/draft/masks     [B, 1, S, C + S]
 =====================  =========================================================  ==================
 """
 
@@ -111,3 +112,21 @@ def cached_step(cache_len: int, n_new: int, device=None) -> Tensor:
 def cached_block_step(cache_len: int, n_new: int, device=None) -> Tensor:
     """Mask of a cached block-diffusion step: the whole cache plus bidirectional attention in the block."""
     return torch.ones(1, 1, n_new, cache_len + n_new, dtype=torch.bool, device=device)
+
+
+def slot_step(cache_len: Tensor, sorted_idx: Tensor, clean: Tensor, chain: Tensor, valid: Tensor,
+              capacity: int) -> Tensor:
+    """Mask of a call over a per-row cache indexed by sorted position (``esolm.sampling.speculative``).
+
+    Keys are the ``capacity`` cache slots, then the ``S`` new tokens; new token ``u`` of row ``b`` sits at
+    sorted index ``sorted_idx[b, u]``. Every query sees the slots below ``cache_len[b]`` and itself; it sees
+    a valid new *clean* token with a smaller sorted index; a *chain* mask also sees the valid chain masks
+    with a smaller sorted index. Other masks (verification queries) see no other mask. All inputs [B, S].
+    """
+    b, s = sorted_idx.shape
+    device = sorted_idx.device
+    slots = (_ar(capacity, device)[None, :] < cache_len[:, None])[:, None, :].expand(b, s, capacity)
+    before = sorted_idx[:, None, :] < sorted_idx[:, :, None]  # [B, query, key]
+    key_ok = valid[:, None, :] & (clean[:, None, :] | (chain[:, None, :] & chain[:, :, None]))
+    new = (before & key_ok) | torch.eye(s, dtype=torch.bool, device=device)
+    return torch.cat([slots, new], dim=-1)[:, None]
