@@ -185,8 +185,8 @@ def cases(w: Path) -> list[Case]:
     }
     for key, values in bad.items():
         for v in values:
-            cli("train config", f"{key}={v}", ["train", "cpu-tiny", f"{key}={v}",
-                                              f"trainer.out_dir={w / 'runs' / 'x'}"])
+            out_dir = [] if key == "trainer.out_dir" else [f"trainer.out_dir={w / 'runs' / 'x'}"]
+            cli("train config", f"{key}={v}", ["train", "cpu-tiny", *out_dir, f"{key}={v}"])
     for argv in (["train", "no-such-preset"], ["train", "cpu-tiny", "nokey"], ["train", "cpu-tiny", "foo.bar=1"],
                  ["train", "cpu-tiny", "model.nope=1"], ["train", str(w / "a_file")]):
         cli("train config", " ".join(argv[1:]), argv)
@@ -222,10 +222,10 @@ def cases(w: Path) -> list[Case]:
         cli("model files", f"eval: {name}", ["eval", path, "--max-batches", "1"], pattern=pattern)
         cli("model files", f"sample: {name}", ["sample", path, "--num-samples", "1", "--out", str(w / "s.jsonl")],
             pattern=pattern)
-        api("model files", f"load_pretrained: {name}", f"esolm.io.load_pretrained({path!r})", pattern=pattern)
-    api("model files", "authors' .ckpt through load_pretrained",
-        f"esolm.io.load_pretrained({str(w / 'authors.ckpt')!r})",
-        expect="ok")
+        # load_pretrained returns (model, method or None) and needs no tokenizer: these files load fine there
+        needs_more = name in ("broken tokenizer.json", "no method saved") or name.startswith("authors'")
+        api("model files", f"load_pretrained: {name}", f"esolm.io.load_pretrained({path!r})",
+            expect="ok" if needs_more else "error", pattern=pattern)
     cli("model files", "export: garbage", ["export", str(w / "garbage.ckpt"), str(w / "exp1")])
     cli("model files", "export: nonexistent", ["export", str(w / "nope.ckpt"), str(w / "exp2")])
     cli("model files", "export: payload", ["export", str(w / "payload.ckpt"), str(w / "exp3")])
@@ -251,7 +251,7 @@ def cases(w: Path) -> list[Case]:
     S = ["sample", M, "--out", str(w / "s.jsonl")]
     bad_utf8 = os.fsdecode(b"caf\xe9 \xff")
     for flags, pattern in ((["--prompt", bad_utf8], "utf|prompt"), (["--prompt", "x " * 400], "prompt|length|long"),
-                           (["--prompt", "<|mask|>"], "mask|special"), (["--top-p", "0"], "top"),
+                           (["--top-p", "0"], "top"),
                            (["--top-p", "1.5"], "top"),
                            (["--top-p", "nan"], "top"), (["--top-p", "-1"], "top"), (["--num-samples", "0"], None),
                            (["--num-samples", "-1"], None), (["--steps", "0"], None), (["--steps", "-1"], None),
@@ -268,6 +268,8 @@ def cases(w: Path) -> list[Case]:
         cli("sample flags", f"--summary {name}", ["sample", M, "--num-samples", "1", "--out", str(w / "s2.jsonl"),
                                                   "--summary", target])
     cli("sample flags", "valid run", ["sample", M, "--num-samples", "2", "--out", str(w / "ok.jsonl")], expect="ok")
+    cli("sample flags", "special-token text in a prompt is plain text", S + ["--num-samples", "1", "--prompt",
+                                                                           "<|mask|> <|endoftext|>"], expect="ok")
     cli("sample flags", "valid run with a prompt", S + ["--num-samples", "2", "--prompt", "The history of"],
         expect="ok")
     cli("sample flags", "valid run on the training .ckpt", ["sample", CK, "--num-samples", "1", "--out",
