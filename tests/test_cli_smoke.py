@@ -40,3 +40,31 @@ def test_train_eval_sample_export(tiny_run, tmp_path, capsys):
     assert a["tokens"] == b["tokens"] > 0
     assert a["nelbo"] == pytest.approx(b["nelbo"], rel=1e-6)
     assert a["iw"]["2"]["nll"] == pytest.approx(b["iw"]["2"]["nll"], rel=1e-6)
+
+
+def test_only_esolm_errors_are_one_line_and_a_bug_keeps_its_traceback(tmp_path):
+    """A ValueError/KeyError raised inside a command is a bug, not bad input: the real ``esolm`` process
+    shows its traceback and exits 1; an esolm error is one line with exit 2."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "import esolm.commands.export as export\n"
+        "from esolm.cli import main\n"
+        "from esolm.errors import CheckpointError\n"
+        "kind = sys.argv[1]\n"
+        "def boom(args):\n"
+        "    raise {'bug': KeyError('internal'), 'value': ValueError('bug'), "
+        "'esolm': CheckpointError('bad file')}[kind]\n"
+        "export.run = boom\n"
+        "sys.exit(main(['export', 'a.ckpt', 'out']))\n")
+    for kind, code, needle in (("bug", 1, "KeyError: 'internal'"), ("value", 1, "ValueError: bug"),
+                               ("esolm", 2, "esolm export: error: bad file")):
+        out = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == code, out.stderr
+        assert needle in out.stderr
+        assert ("Traceback" in out.stderr) == (code == 1), out.stderr
+        if code == 2:
+            assert len(out.stderr.strip().splitlines()) == 1, out.stderr
