@@ -11,12 +11,12 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from esolm import DiT, ModelConfig
 from esolm.errors import UserError
 from esolm.model import masks
 from esolm.sampling import generate, plan_from_counts, sample_esolm_b, sample_speculative
+from test_sampling_distribution import chi2_pvalue
 
 V, M, L, N = 4, 3, 4, 20000
 
@@ -78,15 +78,6 @@ def histogram(tokens: torch.Tensor, outcomes: torch.Tensor) -> torch.Tensor:
     for c, n in zip(ids.tolist(), counts.tolist()):
         obs[index[c]] += n
     return obs
-
-
-def chi2_pvalue(obs: torch.Tensor, law: torch.Tensor) -> float:
-    """Pearson chi-square p-value; cells expecting fewer than 5 counts are pooled into one."""
-    exp = law * obs.sum()
-    small = exp < 5
-    o = torch.cat([obs[~small], obs[small].sum()[None]]) if small.any() else obs
-    e = torch.cat([exp[~small], exp[small].sum()[None]]) if small.any() else exp
-    return float(chisquare(o.numpy(), e.numpy() * (o.sum() / e.sum()).item()).pvalue)
 
 
 def check_law(tokens, outcomes, law, wrong) -> None:
