@@ -234,7 +234,7 @@ def cases(w: Path) -> list[Case]:
 
     # -- eval flags --
     for flags, pattern in ((["--iw-k", "0"], None), (["--iw-k", "-1"], None), (["--iw-k", "abc"], None),
-                           (["--iw-k", "100000000"], "memory|too|GB|GiB|large"), (["--batch-size", "0"], None),
+                           (["--iw-k", "100000000"], "memory|GiB|refused|above"), (["--batch-size", "0"], None),
                            (["--batch-size", "-3"], None), (["--length", "0"], None), (["--length", "1000000"], None),
                            (["--device", "nope"], "device"), (["--device", "cuda"], "cuda|device"),
                            (["--max-batches", "0"], None), (["--iw-alpha0", "2"], "alpha0"),
