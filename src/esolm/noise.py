@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from esolm.errors import UserError
+from esolm.methods import check_alpha0
 
 Tensor = torch.Tensor
 
@@ -47,8 +48,7 @@ class LogLinearSchedule:
     eps: float = EPS
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.alpha0) <= 1.0:
-            raise UserError(f"alpha0 must lie in [0, 1], got {self.alpha0!r}")
+        check_alpha0(self.alpha0)
 
     def alpha(self, t: Tensor) -> Tensor:
         """Probability that a token is still clean at time ``t``."""

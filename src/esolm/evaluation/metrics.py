@@ -255,11 +255,6 @@ def _model_max_positions(model) -> int | None:
     return None
 
 
-def generative_perplexity(texts: Sequence[str], judge: Judge) -> float:
-    """``exp(total NLL / total tokens)`` of ``texts`` under ``judge`` (see module docstring)."""
-    return judge.perplexity(texts)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # MAUVE
 
