@@ -69,6 +69,14 @@ def check_top_p(top_p: Any) -> float | None:
     return None if p == 1.0 else p
 
 
+def check_temperature(temperature: Any) -> float:
+    """Sampling temperature: a finite number > 0 (1.0 samples the model's own law)."""
+    t = _number(temperature, "temperature")
+    if not (0.0 < t < float("inf")):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
 def check_positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{what} must be a positive integer, got {value!r}")

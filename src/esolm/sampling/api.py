@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from esolm.errors import UserError
-from esolm.methods import Method, as_method, check_alpha0, check_top_p
+from esolm.methods import Method, as_method, check_alpha0, check_temperature, check_top_p
 from esolm.sampling.ar import sample_ar
 from esolm.sampling.bd3 import sample_bd3
 from esolm.sampling.common import StepCallback
@@ -176,7 +176,7 @@ def _prepare(model, method: Method | dict, *, num_samples: int | None = None, pr
              steps: int | None = None, alpha0: float | None = None, top_p: float | None = None, seed: int = 0,
              batch_size: int | None = None, max_length: int | None = None, eos_id: int | None = None,
              sampler: str = "auto", bos_id: int | None = None, shuffle: bool = False, speculative=None,
-             draft: str = "fixed") -> _Request:
+             draft: str = "fixed", temperature: float = 1.0) -> _Request:
     """``generate``'s argument checks (UserError/ConfigError) and its initial tokens."""
     method = as_method(method)
     name = method.name
@@ -191,6 +191,7 @@ def _prepare(model, method: Method | dict, *, num_samples: int | None = None, pr
     batch_size = None if batch_size is None else _integer(batch_size, "batch_size", 1)
     _integer(seed, "seed", -(2**63), 2**64 - 1)
     top_p = check_top_p(top_p)
+    check_temperature(temperature)
     cfg = model.config
     length = cfg.length if max_length is None else _integer(
         max_length, f"max_length (the model's length is {cfg.length})", 1, cfg.length)
@@ -229,11 +230,12 @@ def generate(model, method: Method | dict, num_samples: int | None = None, promp
              batch_size: int | None = None, max_length: int | None = None, eos_id: int | None = None,
              sampler: str = "auto", trace: bool = False, greedy: bool = False, bos_id: int | None = None,
              step_callback: StepCallback | None = None, shuffle: bool = False,
-             speculative: bool | int | None = None, draft: str = "fixed") -> GenerationOutput:
+             speculative: bool | int | None = None, draft: str = "fixed", temperature: float = 1.0) -> GenerationOutput:
     """Sample from ``model`` with the sampler that its ``method`` dict calls for (see module docstring).
 
-    ``alpha0`` (Eso-LM) defaults to the method's training value and may differ from it. ``top_p`` enables
-    nucleus filtering; ``greedy`` takes the argmax. ``seed`` fixes every random choice (schedule, order
+    ``alpha0`` (Eso-LM) defaults to the method's training value and may differ from it. ``temperature``
+    divides the logits and ``top_p`` then enables nucleus filtering (:func:`~esolm.sampling.draw.sampling_logits`);
+    ``greedy`` takes the argmax. ``seed`` fixes every random choice (schedule, order
     and token draws). AR models (and BD3-LM models trained with ``ignore_bos``) need a first token:
     ``prompt_ids`` or ``bos_id`` (default ``eos_id``). ``shuffle`` applies to the strided sampler only.
     ``speculative`` (Eso-LM (B); ``True`` or a draft length ``k >= 2``, ``draft="fixed"|"adaptive"``) decodes
@@ -243,7 +245,7 @@ def generate(model, method: Method | dict, num_samples: int | None = None, promp
     req = _prepare(model, method, num_samples=num_samples, prompt_ids=prompt_ids, infill=infill, steps=steps,
                    alpha0=alpha0, top_p=top_p, seed=seed, batch_size=batch_size, max_length=max_length,
                    eos_id=eos_id, sampler=sampler, bos_id=bos_id, shuffle=shuffle, speculative=speculative,
-                   draft=draft)
+                   draft=draft, temperature=temperature)
     spec = draft_length(speculative, draft)
     if spec is not None and step_callback is not None:
         raise UserError("step_callback does not apply to speculative decoding")
@@ -255,7 +257,9 @@ def generate(model, method: Method | dict, num_samples: int | None = None, promp
     device = model.device
     plan_gen = torch.Generator().manual_seed(seed)
     draw_gen = torch.Generator(device=device).manual_seed(seed)
-    kw = dict(top_p=top_p, generator=draw_gen, greedy=greedy, trace=trace, step_callback=step_callback)
+    temperature = check_temperature(temperature)
+    kw = dict(top_p=top_p, generator=draw_gen, greedy=greedy, temperature=temperature, trace=trace,
+              step_callback=step_callback)
     was_training = model.training
     model.eval()
     outs = []
@@ -274,7 +278,7 @@ def generate(model, method: Method | dict, num_samples: int | None = None, promp
                 if spec is not None:
                     outs.append(sample_speculative(model, xb, plan, k=spec, adaptive=draft == "adaptive",
                                                    eos_id=eos_id, top_p=top_p, generator=draw_gen, greedy=greedy,
-                                                   trace=trace))
+                                                   temperature=temperature, trace=trace))
                 else:
                     outs.append(fn(model, xb, plan, **kw))
             elif name == "mdlm":

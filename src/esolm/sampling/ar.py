@@ -20,7 +20,7 @@ Tensor = torch.Tensor
 
 @torch.inference_mode()
 def sample_ar(model, x: Tensor, prompt_len: int, *, top_p=None, generator: torch.Generator | None = None,
-              greedy: bool = False, trace: bool = False,
+              greedy: bool = False, temperature: float = 1.0, trace: bool = False,
               step_callback: StepCallback | None = None) -> SampleResult:
     """Complete ``x`` [B, L] whose first ``prompt_len`` (>= 1) tokens are given."""
     if prompt_len < 1:
@@ -42,7 +42,7 @@ def sample_ar(model, x: Tensor, prompt_len: int, *, top_p=None, generator: torch
             logits = logits[:, -1:]
             if step_callback is not None:
                 step_callback(k, i, i + 1, logits, tokens)
-            tokens[:, i:i + 1] = draw(logits, mask_id, top_p, generator, greedy)
+            tokens[:, i:i + 1] = draw(logits, mask_id, top_p, generator, greedy, temperature)
             if steps is not None:
                 steps.append(positions[:, i:i + 1])
             start = i

@@ -36,7 +36,8 @@ def block_causal_step(cache_len: int, block_ids: Tensor) -> Tensor:
 @torch.inference_mode()
 def sample_bd3(model, x: Tensor, block_size: int, *, steps: int | None = None, sampler: str = "ancestral",
                top_p=None, generator: torch.Generator | None = None,
-               plan_generator: torch.Generator | None = None, greedy: bool = False, trace: bool = False,
+               plan_generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0,
+               trace: bool = False,
                step_callback: StepCallback | None = None, ignore_bos: bool = False) -> SampleResult:
     """Sample the masked positions of ``x`` [B, L] block by block (L must be a multiple of the block size).
 
@@ -82,7 +83,8 @@ def sample_bd3(model, x: Tensor, block_size: int, *, steps: int | None = None, s
                     return out[:, lo - start:]
                 return model(tokens[:, lo:hi], positions[:, lo:hi], cache=cache, commit=0, cond=cond)
 
-            kw = dict(top_p=top_p, generator=generator, greedy=greedy, step_callback=step_callback,
+            kw = dict(top_p=top_p, generator=generator, greedy=greedy, temperature=temperature,
+                      step_callback=step_callback,
                       step0=nfe, trace=steps_trace)
             if sampler == "ancestral":
                 nfe += ancestral_window(call, tokens, lo, hi, steps or block_size, mask_id, **kw)

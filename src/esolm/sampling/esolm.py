@@ -54,7 +54,8 @@ def _finish(tokens_sorted: Tensor, order: Tensor, nfe: int, sw: Stopwatch, trace
 
 @torch.inference_mode()
 def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
-                   generator: torch.Generator | None = None, greedy: bool = False, trace: bool = False,
+                   generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0,
+                   trace: bool = False,
                    step_callback: StepCallback | None = None, use_cache: bool = True) -> SampleResult:
     """Eso-LM (B) with the KV cache.
 
@@ -82,7 +83,7 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
                 logits = model(tokens[:, :hi], order[:, :hi], mask=causal[:, :, :hi, :hi], cond=cond)[:, lo:]
             if step_callback is not None:
                 step_callback(k, lo, hi, logits, tokens)
-            tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy)
+            tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy, temperature)
             if steps is not None:
                 steps.append(order[:, lo:hi])
             start = lo
@@ -91,7 +92,8 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
 
 @torch.inference_mode()
 def sample_esolm_a(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
-                   generator: torch.Generator | None = None, greedy: bool = False, trace: bool = False,
+                   generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0,
+                   trace: bool = False,
                    step_callback: StepCallback | None = None) -> SampleResult:
     """Eso-LM (A): uncached prefix-LM diffusion phase, then the cached sequential phase."""
     mask_id = model.config.mask_id
@@ -123,7 +125,7 @@ def sample_esolm_a(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
                 start = lo
             if step_callback is not None:
                 step_callback(k, lo, hi, logits, tokens)
-            tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy)
+            tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy, temperature)
             if steps is not None:
                 steps.append(order[:, lo:hi])
     return _finish(tokens, order, plan.nfe, sw, steps)

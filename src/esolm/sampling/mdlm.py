@@ -31,7 +31,8 @@ Tensor = torch.Tensor
 
 
 def ancestral_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi: int, steps: int, mask_id: int,
-                     *, top_p=None, generator=None, greedy=False, step_callback: StepCallback | None = None,
+                     *, top_p=None, generator=None, greedy=False, temperature: float = 1.0,
+                     step_callback: StepCallback | None = None,
                      step0: int = 0, trace: list | None = None) -> int:
     """MDLM ancestral sampling of ``tokens[:, lo:hi]`` in place; ``call()`` returns logits [B, hi-lo, V]
     for the current tokens. Returns the number of network calls."""
@@ -49,14 +50,14 @@ def ancestral_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi: in
         if step_callback is not None:
             step_callback(step0 + nfe, lo, hi, logits, tokens)
         nfe += 1
-        window[idx] = draw(logits[idx], mask_id, top_p, generator, greedy)
+        window[idx] = draw(logits[idx], mask_id, top_p, generator, greedy, temperature)
         if trace is not None:
             trace.append(torch.stack(idx, dim=1).add_(torch.tensor([0, lo], device=window.device)))
     return nfe
 
 
 def one_per_call_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi: int, order: Tensor,
-                        mask_id: int, *, top_p=None, generator=None, greedy=False,
+                        mask_id: int, *, top_p=None, generator=None, greedy=False, temperature: float = 1.0,
                         step_callback: StepCallback | None = None, step0: int = 0,
                         trace: list | None = None) -> int:
     """Decode ``tokens[:, lo + order[:, k]]`` one per call, ``k = 0, 1, ...`` (``order`` [B, n], window
@@ -71,7 +72,7 @@ def one_per_call_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi:
         vocab = vocab or logits.shape[-1]
         pos = order[:, k:k + 1]
         row = logits.gather(1, pos[:, :, None].expand(b, 1, vocab))
-        window.scatter_(1, pos, draw(row, mask_id, top_p, generator, greedy))
+        window.scatter_(1, pos, draw(row, mask_id, top_p, generator, greedy, temperature))
         if trace is not None:
             trace.append(pos + lo)
     return order.shape[1]
@@ -80,7 +81,7 @@ def one_per_call_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi:
 @torch.inference_mode()
 def sample_mdlm(model, x: Tensor, *, steps: int | None = None, sampler: str = "ancestral", top_p=None,
                 generator: torch.Generator | None = None, plan_generator: torch.Generator | None = None,
-                greedy: bool = False, trace: bool = False,
+                greedy: bool = False, temperature: float = 1.0, trace: bool = False,
                 step_callback: StepCallback | None = None) -> SampleResult:
     """MDLM sampling of the masked positions of ``x`` [B, L] (clean tokens are carried over).
 
@@ -90,7 +91,8 @@ def sample_mdlm(model, x: Tensor, *, steps: int | None = None, sampler: str = "a
     tokens = x.to(model.device).clone()
     b, length = tokens.shape
     steps_trace = [] if trace else None
-    kw = dict(top_p=top_p, generator=generator, greedy=greedy, step_callback=step_callback, trace=steps_trace)
+    kw = dict(top_p=top_p, generator=generator, greedy=greedy, temperature=temperature, step_callback=step_callback,
+              trace=steps_trace)
 
     def call() -> Tensor:
         return model(tokens, cond=cond)  # bidirectional: no mask

@@ -36,7 +36,7 @@ import torch
 from esolm.errors import UserError
 from esolm.model import masks
 from esolm.sampling.common import SampleResult, Stopwatch
-from esolm.sampling.draw import gumbel_noise, mask_logit, top_p_filter
+from esolm.sampling.draw import gumbel_noise, mask_logit, sampling_logits
 from esolm.sampling.schedule import Plan
 
 Tensor = torch.Tensor
@@ -107,14 +107,12 @@ class SpeculativeResult(SampleResult):
     depth_accepted: Tensor | None = None
 
 
-def _law(logits: Tensor, mask_id: int, top_p: float | None, greedy: bool) -> Tensor:
+def _law(logits: Tensor, mask_id: int, top_p: float | None, greedy: bool, temperature: float = 1.0) -> Tensor:
     """float64 probabilities the sampler draws from (one-hot argmax when ``greedy``)."""
-    x = mask_logit(logits, mask_id)
     if greedy:
+        x = mask_logit(logits, mask_id)
         return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(torch.float64)
-    if top_p is not None:
-        x = top_p_filter(x, top_p)
-    return x.softmax(-1)
+    return sampling_logits(logits, mask_id, top_p, temperature).softmax(-1)
 
 
 def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -170,7 +168,8 @@ def _eos_stopped(tokens: Tensor, order: Tensor, final: Tensor, n_given: int, eos
 @torch.inference_mode()
 def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, adaptive: bool = False,
                        eos_id: int | None = None, top_p: float | None = None,
-                       generator: torch.Generator | None = None, greedy: bool = False, trace: bool = False,
+                       generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0,
+                       trace: bool = False,
                        monitor: Callable[[SlotCache, Tensor], None] | None = None) -> SpeculativeResult:
     """Eso-LM (B) with speculative decoding of the plan's trailing one-token steps (module docstring).
 
@@ -220,7 +219,7 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
         for lo, hi in bounds[:n_par]:  # diffusion steps: every row in lockstep
             _, logits, pend_idx, pend_ok = _call(model, cond, cache, tokens, order, committed, final, drafts,
                                                  n_draft, torch.full_like(final, hi - lo), mask_id)
-            tokens[:, lo:hi] = _sample(_law(logits, mask_id, top_p, greedy), generator)
+            tokens[:, lo:hi] = _sample(_law(logits, mask_id, top_p, greedy, temperature), generator)
             _keep(cache, pend_idx, pend_ok, final, n_draft, 0)
             record(final, final + hi - lo)
             committed, final = final, final + (hi - lo)
@@ -238,7 +237,7 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
                                                           drafts, n_draft, torch.where(active, m, 0), mask_id)
             nfe += 1
             # verify the drafts left to right
-            p = _law(v_logits, mask_id, top_p, greedy)
+            p = _law(v_logits, mask_id, top_p, greedy, temperature)
             d = drafts[..., None]
             ok = torch.rand(b, kd, dtype=torch.float64, device=device, generator=generator) * \
                 q_drafts.gather(-1, d)[..., 0] < p.gather(-1, d)[..., 0]
@@ -268,7 +267,7 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
                 tokens[r, final[r] + a] = _sample(resid, generator)
             # full acceptance: draw the chain; its head is exact, the rest are the next drafts
             full = active & ~rejected
-            chain_probs = _law(c_logits, mask_id, top_p, greedy)
+            chain_probs = _law(c_logits, mask_id, top_p, greedy, temperature)
             chain = _sample(chain_probs, generator)
             head = final + n_draft
             n_chain = torch.minimum(m, (length - head).clamp_min(0))
