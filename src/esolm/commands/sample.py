@@ -7,13 +7,15 @@ the ``nfe`` (network calls) and ``seconds`` of the batch that produced it. Rows 
 ``--mauve-data``) print a summary, which ``--summary PATH`` also writes as JSON.
 
 The prompt is plain text: special-token strings in it (``<|endoftext|>``, ``<|mask|>``, ``[MASK]``) are
-encoded as ordinary text, never as special tokens.
+encoded as ordinary text, never as special tokens. ``--trace-html PATH`` also writes the first sample's
+decoding trace (which network call decided each token) as a self-contained page.
 
 Examples::
 
     esolm sample runs/tiny/export --num-samples 16 --steps 64 --top-p 0.9 --out samples.jsonl --entropy
     esolm sample runs/tiny/export --alpha0 0.0625 --gen-ppl --mauve --summary summary.json
     esolm sample runs/tiny/export --prompt "The history of" --max-length 64
+    esolm sample runs/tiny/export --num-samples 1 --steps 16 --trace-html trace.html
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer name or folder (default: saved with the model)")
     p.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:N, mps ... (default: the available accelerator, else cpu)")
+    p.add_argument("--trace-html", default=None, metavar="PATH",
+                   help="also write the decoding trace of the first sample (which step decided each token) as a "
+                        "self-contained HTML page; re-draws the first batch with tracing on")
     g = p.add_argument_group("metrics")
     g.add_argument("--entropy", action="store_true", help="mean per-sample unigram entropy (nats)")
     g.add_argument("--gen-ppl", action="store_true", help="generative perplexity under a judge LM")
@@ -92,6 +97,10 @@ def run(args) -> int:
     writer = JsonlWriter(args.out)  # checks the path; nothing is written yet
     if args.summary:
         check_writable(args.summary)
+    if args.trace_html:
+        check_writable(args.trace_html)
+        if args.speculative:
+            raise UserError("--trace-html does not combine with --speculative")
     loaded = load_model(args.model, tokenizer=args.tokenizer, device=device, require_tokenizer=True)
     model, method, tokenizer = loaded.model, loaded.method, loaded.tokenizer
     if args.alpha0 is not None and method.name != "esolm":
@@ -117,10 +126,14 @@ def run(args) -> int:
 
     console = Console(stderr=True)
     t0 = time.perf_counter()
+    first = None
     with writer:
         for batch in draws:
             writer.write(batch.rows)
             stats.add(batch)
+            first = first or batch.rows[0]
+    if args.trace_html:
+        _write_trace(args, model, method, tokenizer, prompt_ids, first["token_ids"])
     summary = {"model": str(args.model), "method": method.to_dict(), "steps": args.steps,
                "alpha0": args.alpha0 if args.alpha0 is not None else getattr(method, "alpha0", None),
                "top_p": args.top_p, "seed": args.seed, "sampler": args.sampler, "shuffle": args.shuffle,
@@ -135,3 +148,21 @@ def run(args) -> int:
     if args.summary:
         atomic_json(args.summary, summary)
     return 0
+
+
+def _write_trace(args, model, method, tokenizer, prompt_ids, first_ids: list[int]) -> None:
+    """Re-draw batch 0 (``sample_batches``' arguments and seed) with tracing on; write sample 0's page."""
+    from esolm.evaluation.samples import DEFAULT_BATCH_SIZE
+    from esolm.sampling.api import generate
+    from esolm.serving.trace import events_from_generation, write_trace_html
+
+    n = min(args.num_samples, args.batch_size or DEFAULT_BATCH_SIZE)
+    out = generate(model, method, num_samples=n, batch_size=n, seed=args.seed * 1_000_003, prompt_ids=prompt_ids,
+                   steps=args.steps, alpha0=args.alpha0, top_p=args.top_p, max_length=args.max_length,
+                   eos_id=tokenizer.eos_id if args.stop_at_eos else None, bos_id=tokenizer.bos_id,
+                   sampler=args.sampler, shuffle=args.shuffle, trace=True)
+    if out.sequences()[0] != first_ids:
+        raise RuntimeError("the traced re-draw of the first sample differs from the written one")
+    events = events_from_generation(out, tokenizer, method, sampler=args.sampler, alpha0=args.alpha0,
+                                    model=str(args.model))
+    write_trace_html(args.trace_html, events, title=f"esolm decoding trace: {args.model}")

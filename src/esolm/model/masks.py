@@ -16,10 +16,14 @@ builder                who uses it                                              
 ``block_diffusion``    BD3-LM training, 2L tokens ``[x_t ; x_0]``, block size L'   [1, 1, 2L, 2L]
 ``cached_step``        one KV-cached decoding step: all cache + causal new tokens  [1, 1, n, c + n]
 ``slot_step``          speculative decoding: per-row cache + clean/draft/masks     [B, 1, S, C + S]
+``slot_causal``        batched serving: each row's slots up to its own query slot  [B, 1, S, K]
+``trajectory``         one-pass log-likelihood of a decoding plan, ``[x ; masks]``  [1, 1, L + N, L + N]
 =====================  =========================================================  ==================
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -130,3 +134,39 @@ def slot_step(cache_len: Tensor, sorted_idx: Tensor, clean: Tensor, chain: Tenso
     key_ok = valid[:, None, :] & (clean[:, None, :] | (chain[:, None, :] & chain[:, :, None]))
     new = (before & key_ok) | torch.eye(s, dtype=torch.bool, device=device)
     return torch.cat([slots, new], dim=-1)[:, None]
+
+
+def slot_causal(query_slot: Tensor, n_keys: int) -> Tensor:
+    """Mask of a batched call whose new tokens were written into a per-row slot cache first
+    (``esolm.serving.engine``): query ``u`` of row ``b`` sits in slot ``query_slot[b, u]`` [B, S] and sees
+    the keys of slots ``0 .. query_slot[b, u]`` of its row: the row's cache and its new tokens causally."""
+    keys = _ar(n_keys, query_slot.device)
+    return (keys[None, None, :] <= query_slot[:, :, None])[:, None]
+
+
+def trajectory(length: int, bounds: Sequence[tuple[int, int]], device=None) -> Tensor:
+    """Mask of the one-pass likelihood of a KV-cached Eso-LM (B) decoding plan (``esolm.rl.trajectory``).
+
+    Input ``[x sorted (length) ; one mask per decoded sorted index (N = length - bounds[0][0])]``; ``bounds``
+    are the plan's steps ``[lo, hi)`` in sorted indices, contiguous up to ``length``. x-query ``i`` sees
+    x-keys ``j <= i`` (the clean keys/values of the cache); the mask of sorted index ``m`` decoded by step
+    ``[lo, hi)`` sees x-keys ``j < lo`` and the masks ``lo..m`` of its own step: exactly what the cached
+    sampler's query for ``m`` saw. x never sees a mask.
+    """
+    n0 = bounds[0][0] if bounds else length
+    ends = [hi for _, hi in bounds]
+    if any(lo != prev for (lo, _), prev in zip(bounds, [n0] + ends)) or (bounds and ends[-1] != length) \
+            or any(hi <= lo for lo, hi in bounds):
+        raise ValueError(f"steps {list(bounds)} must tile [{n0}, {length}) in order")
+    n = length - n0
+    lo_of = torch.empty(n, dtype=torch.long, device=device)
+    for lo, hi in bounds:
+        lo_of[lo - n0:hi - n0] = lo
+    i = _ar(length, device)
+    m = _ar(n, device) + n0
+    x_to_x = i[None, :] <= i[:, None]
+    z_to_x = i[None, :] < lo_of[:, None]
+    z_to_z = (m[None, :] >= lo_of[:, None]) & (m[None, :] <= m[:, None])
+    top = torch.cat([x_to_x, torch.zeros(length, n, dtype=torch.bool, device=device)], dim=-1)
+    bottom = torch.cat([z_to_x, z_to_z], dim=-1)
+    return torch.cat([top, bottom], dim=-2)[None, None]

@@ -1,0 +1,80 @@
+"""``esolm serve MODEL``: an OpenAI-compatible HTTP server with continuous batching and a decoding-trace page.
+
+MODEL is anything ``esolm sample`` reads (an exported folder or a training checkpoint) with its tokenizer
+(or ``--tokenizer``). The server answers ``POST /v1/completions`` (streamed with ``"stream": true``: one server-sent
+event per decoding step), ``GET /v1/models``, ``GET /health`` and the trace page at ``/``. SIGTERM or Ctrl-C
+stops accepting connections and lets the requests in flight finish.
+
+Examples::
+
+    esolm serve runs/tiny/export --port 8000 --max-batch 32
+    curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"prompt": "The history of", "max_tokens": 32, "stream": true}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from esolm.commands import _args
+from esolm.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a save_pretrained folder or a training checkpoint (with its tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=_args.int_at_least(0), default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--max-batch", type=_args.positive_int, default=8,
+                   help="requests decoded together in one network call per engine step")
+    p.add_argument("--max-queue", type=_args.positive_int, default=64,
+                   help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name or folder (default: saved with the model)")
+    p.add_argument("--name", default=None, help="model name in the API (default: the MODEL argument)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps ... (default: the available accelerator, else cpu)")
+    p.add_argument("--threads", type=_args.positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it); UserError when that address cannot be had."""
+    if port > 65535:
+        raise UserError(f"--port must be in [0, 65535], got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run(args) -> int:
+    import torch
+    import uvicorn
+
+    from esolm.devices import resolve_device
+    from esolm.io import load_model
+    from esolm.serving.engine import Engine
+    from esolm.serving.server import create_app
+
+    device = resolve_device(args.device)
+    sock = _listen(args.host, args.port)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, tokenizer=args.tokenizer, device=device, require_tokenizer=True)
+    tok = loaded.tokenizer
+    engine = Engine(loaded.model, loaded.method, max_batch=args.max_batch, max_queue=args.max_queue,
+                    eos_id=tok.eos_id, bos_id=tok.bos_id)
+    name = args.name or str(args.model)
+    app = create_app(engine, model_name=name, tokenizer=tok)
+    host, port = sock.getsockname()[:2]
+    print(f"esolm serve: {name} ({loaded.method.label}, {device}) on http://{host}:{port} "
+          f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    return 0

@@ -1,0 +1,598 @@
+"""Continuous batching: many completion requests, one network call per engine step.
+
+**Eso-LM (B) and AR are batched.** Every admitted request owns a row: its own
+:class:`~esolm.sampling.schedule.Plan` (built as :func:`~esolm.sampling.api.generate` builds it for one
+sample, from a plan generator seeded with the request's seed), its own draw generator (seeded likewise),
+its own cache length. A step feeds, per row, what the one-sample sampler would feed at that row's next
+step — Eso-LM (B): ``[tokens decoded at its previous step ; masks of this step]`` in sorted order
+(:mod:`esolm.sampling.esolm`); AR: the tokens not yet cached (:mod:`esolm.sampling.ar`) — right-aligned
+and padded to the longest row, in ONE network call.
+Rows join (admission) and leave (done, EOS, cancelled, failed) between steps.
+
+The cache is :class:`SlotKV`: keys/values preallocated for ``max_batch`` rows of the model length, row ``b``
+slot ``j`` holding the token at sorted index ``j`` (position ``j`` for AR). A call writes its valid new
+tokens into their slots first and then attends over the slots: query ``u`` of row ``b`` sees slots
+``<= slot(b, u)`` (``masks.slot_causal``), i.e. the row's cache and its new tokens causally, as in the
+one-sample call. The masks' slots are overwritten by the next step, as :class:`~esolm.model.attention.
+KVCache` does. Active rows are kept in slots ``0..B-1`` (a leaving row's slot gets the last row's
+cache), so a call reads a view of the storage, never a copy. The model's frozen conditioning
+(:meth:`~esolm.model.backbone.DiT.frozen_conditioning`; Eso-LM conditions on sigma = 0, the same for every
+row) is computed once, when the engine is built, so the weights must not change while it serves.
+Each row draws with :func:`esolm.sampling.draw.draw` and its own generator on its own logits, so its
+tokens equal those of ``generate`` alone with the same arguments (the batched call's logits differ from
+the lone call's only by floating-point rounding).
+
+**Eso-LM (A), MDLM and BD3-LM are served one request at a time**: a step runs a whole request through
+:func:`~esolm.sampling.api.generate` and emits its per-call events from the trace afterwards (cancel
+applies to queued requests only).
+
+With ``eos_id``, ``Finished.tokens`` are cut as ``generate`` cuts (after the first EOS at or after the
+prompt's end: EOS), and a row leaves as soon as such an EOS precedes every position it has not decoded
+(AR: at its EOS). Requests whose prompt is empty on a model that needs a first token (AR, BD3-LM with
+``ignore_bos``) start from ``[bos_id]`` (else ``[eos_id]``): :meth:`Engine.check` puts it in the prompt.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import operator
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from esolm.errors import ConfigError, EsoLMError, UserError
+from esolm.methods import as_method, check_temperature, check_top_p
+from esolm.model import masks
+from esolm.model.backbone import FrozenConditioning
+from esolm.sampling.api import check_request, generate
+from esolm.sampling.draw import draw
+from esolm.sampling.schedule import Plan, plan_binomial, plan_one_per_step, plan_strided
+
+Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionRequest:
+    """One completion: positions ``p .. p + max_tokens - 1`` after the ``p`` prompt tokens."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int = 0
+    alpha0: float | None = None  # Eso-LM only (default: the method's alpha0)
+    steps: int | None = None  # Eso-LM: T of the schedule (default: the sequence length)
+    schedule: str = "auto"  # generate's sampler names
+    infill: dict[int, int] | None = None  # absolute position -> token id, inside the completion
+    greedy: bool = False
+
+
+@dataclass
+class StepEvent:
+    """The positions (absolute) and tokens one engine step decided for one request."""
+
+    request_id: int
+    step: int  # 0-based decoding step of this request (= its NFE so far - 1)
+    positions: list[int]
+    tokens: list[int]  # as drawn (Finished.tokens apply generate's EOS cut)
+    phase: str  # "diffusion" | "sequential"
+
+
+@dataclass
+class Finished:
+    """A request's end: completion ids (after the EOS cut), cost and why it ended."""
+
+    request_id: int
+    tokens: list[int]
+    nfe: int
+    seconds: float  # from admission to finish
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+class QueueFull(EsoLMError):
+    """``max_queue`` requests are already waiting."""
+
+
+Callback = Callable[[StepEvent | Finished], None]
+
+
+class SlotKV:
+    """Per-row keys/values by slot for ``DiT.forward(cache=...)`` (module docstring).
+
+    :meth:`prepare` gives, before a call, the slot of each new token ([B, S]; ``capacity`` for padding,
+    which lands in one scratch slot that is never read) and how many slots the call reads; ``update`` then
+    writes the new keys/values (one ``scatter_``) and returns views of the first ``kv_len`` slots.
+    """
+
+    def __init__(self, n_layers: int, max_batch: int, n_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (max_batch, n_heads, capacity + 1, head_dim)
+        # zeros: slots never written must still be finite (masked keys enter the attention product)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self._index: Tensor | None = None
+        self._kv_len = 0
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of keys and values per row (slot) over all layers."""
+        return sum(t[0].numel() * t.element_size() for t in self.k + self.v)
+
+    def prepare(self, dst: Tensor, kv_len: int) -> None:
+        _, h, _, d = self.k[0].shape
+        self._index = dst[:, None, :, None].expand(-1, h, -1, d)
+        self._kv_len = kv_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        b = k.shape[0]
+        ck, cv = self.k[layer][:b], self.v[layer][:b]
+        ck.scatter_(2, self._index, k)
+        cv.scatter_(2, self._index, v)
+        return ck[:, :, :self._kv_len], cv[:, :, :self._kv_len]
+
+    def commit(self, n: int) -> None:
+        """Nothing to do: the new tokens are in their slots already (``DiT.forward`` calls this)."""
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        """Copy the first ``n`` slots of row ``src`` to row ``dst``."""
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
+
+
+class _Pending:
+    __slots__ = ("rid", "req", "on_event")
+
+    def __init__(self, rid: int, req: CompletionRequest, on_event: Callback):
+        self.rid, self.req, self.on_event = rid, req, on_event
+
+
+class _Row:
+    """An admitted request of the batched path. Sorted tokens and positions live in the engine's slot
+    tensors (row ``slot``); sorted range ``[lo, hi)`` of step ``k`` is ``bounds[k]``."""
+
+    def __init__(self, pending: _Pending, slot: int, order: Tensor, bounds: list[tuple[int, int]], shift: int,
+                 diffusion_end: int, n_given: int, eos_at: float, generator: torch.Generator):
+        self.pending = pending
+        self.slot = slot
+        self.order = order  # [length] sorted index -> position (CPU)
+        self.order_list = order.tolist()
+        self.bounds = bounds
+        self.shift = shift  # AR feeds the tokens before its position, Eso-LM the masks too
+        self.diffusion_end = diffusion_end
+        self.eos_at = eos_at  # first EOS position >= prompt length among decided tokens (inf: none)
+        # smallest position at sorted index >= j: the first position not decided before step j
+        self.rest = torch.flip(torch.cummin(torch.flip(order, [0]), 0).values, [0]).tolist() + [math.inf]
+        self.generator = generator
+        self.k = 0
+        self.start = 0  # sorted indices below it are in the cache
+        self.decided = n_given  # sorted indices below it are decided
+        self.t0 = time.perf_counter()
+
+    @property
+    def rid(self) -> int:
+        return self.pending.rid
+
+    @property
+    def done(self) -> bool:
+        """Every position decided, or an EOS before every undecided one (the cut fills those with EOS)."""
+        return self.decided == len(self.order_list) or self.eos_at < self.rest[self.decided]
+
+
+def _int(value, what: str, lo: int, hi: int | None = None) -> int:
+    try:
+        v = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < lo or (hi is not None and v > hi):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise UserError(f"{what} must be an integer {span}, got {value!r}")
+    return v
+
+
+def _cut(tokens: Tensor, prompt_len: int, eos_id: int | None) -> tuple[list[int], str]:
+    """Completion ids of ``tokens`` [L] (original order) after ``generate``'s EOS cut, and the reason."""
+    out = tokens[prompt_len:].clone()
+    if eos_id is not None:
+        hit = (out == eos_id).nonzero()
+        if hit.numel():
+            out[int(hit[0]) + 1:] = eos_id
+            return out.tolist(), "stop"
+    return out.tolist(), "length"
+
+
+class Engine:
+    """Continuous-batching decoder for one model (module docstring).
+
+    ``submit``/``cancel`` may be called from any thread; ``step`` (or the thread of :meth:`start`) does the
+    work and calls ``on_event`` from that thread with each :class:`StepEvent` and one final :class:`Finished`.
+    A request whose processing raises (its callback included) ends alone with ``finish_reason="error"``.
+    The model is put in eval mode.
+    """
+
+    def __init__(self, model, method, *, max_batch: int = 8, max_queue: int = 64, eos_id: int | None = None,
+                 bos_id: int | None = None):
+        self.model = model.eval()
+        self.method = as_method(method)
+        cfg = model.config
+        self.max_batch = _int(max_batch, "max_batch", 1)
+        self.max_queue = _int(max_queue, "max_queue", 1)
+        for what, i in (("eos_id", eos_id), ("bos_id", bos_id)):
+            if i is not None and _int(i, what, 0, cfg.vocab_size - 1) == cfg.mask_id:
+                raise UserError(f"{what} {i} is the mask id")
+        self.eos_id, self.bos_id = eos_id, bos_id
+        m = self.method
+        self.batched = m.name == "ar" or (m.name == "esolm" and m.variant == "B")
+        self._needs_start = m.name == "ar" or (m.name == "bd3lm" and m.ignore_bos)
+
+        self._cv = threading.Condition(threading.Lock())
+        self._step_lock = threading.Lock()
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._dropped: list[_Pending] = []  # cancelled while queued: Finished at the next step
+        self._cancel: set[int] = set()
+        self._live: set[int] = set()
+        self._next_id = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._rows: list[_Row] = []
+        self._n_active = 0
+        self._counts = dict(steps=0, nfe=0, tokens=0)
+
+        self._cache = None
+        self._cond: dict[int, FrozenConditioning] = {}
+        if self.batched:
+            device = model.device
+            dtype = model.vocab_embed.embedding.dtype
+            with torch.inference_mode():
+                self._cache = SlotKV(cfg.n_layers, self.max_batch, cfg.n_heads, cfg.length, cfg.head_dim, dtype,
+                                     device)
+                self._tok = torch.zeros(self.max_batch, cfg.length, dtype=torch.long, device=device)
+                self._pos = torch.zeros_like(self._tok)
+                self._cond1 = model.frozen_conditioning(1)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of KV cache per batch slot (0 for the one-at-a-time methods: ``generate`` allocates its own)."""
+        return self._cache.slot_bytes if self._cache is not None else 0
+
+    @property
+    def stats(self) -> dict:
+        """Requests active and queued; network calls (steps), per-request steps (nfe) and tokens served."""
+        with self._cv:
+            return dict(active=self._n_active, queued=len(self._queue), **self._counts)
+
+    # ---------------------------------------------------------------- requests
+    def check(self, req: CompletionRequest) -> CompletionRequest:
+        """``req`` validated and normalised (UserError, one line, for anything ``generate`` would refuse)."""
+        if not isinstance(req, CompletionRequest):
+            raise UserError(f"expected a CompletionRequest, got {type(req).__name__}")
+        cfg = self.model.config
+        if not isinstance(req.prompt_ids, (list, tuple)):
+            raise UserError("prompt_ids must be a list of token ids")
+        prompt = [_int(t, "prompt token id", 0, cfg.vocab_size - 1) for t in req.prompt_ids]
+        max_tokens = _int(req.max_tokens, "max_tokens", 1)
+        if not prompt and self._needs_start:
+            start = self.bos_id if self.bos_id is not None else self.eos_id
+            if start is None:
+                raise UserError(f"{self.method.label} needs a prompt (this engine has no bos_id or eos_id)")
+            prompt = [start]
+        if len(prompt) + max_tokens > cfg.length:
+            raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model length "
+                            f"{cfg.length}")
+        if self.method.name == "bd3lm" and (len(prompt) + max_tokens) % self.method.block_size:
+            raise UserError(f"prompt + max_tokens ({len(prompt) + max_tokens}) must be a multiple of the block size "
+                            f"{self.method.block_size}")
+        if not isinstance(req.greedy, bool):
+            raise UserError(f"greedy must be true or false, got {req.greedy!r}")
+        if req.infill is not None and not isinstance(req.infill, dict):
+            raise UserError("infill must map positions to token ids")
+        try:
+            check_request(self.model, self.method, prompt_ids=[prompt], infill=req.infill, steps=req.steps,
+                          alpha0=req.alpha0, top_p=req.top_p, seed=req.seed, max_length=len(prompt) + max_tokens,
+                          eos_id=self.eos_id, sampler=req.schedule, bos_id=self.bos_id, temperature=req.temperature)
+            temperature = check_temperature(req.temperature)
+            top_p = check_top_p(req.top_p)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+        alpha0 = req.alpha0
+        if self.method.name == "esolm":
+            alpha0 = self.method.alpha0 if alpha0 is None else float(alpha0)
+        infill = None if req.infill is None else {int(k): int(v) for k, v in req.infill.items()}
+        return dataclasses.replace(req, prompt_ids=prompt, max_tokens=max_tokens, temperature=temperature,
+                                   top_p=top_p, alpha0=alpha0, infill=infill, seed=int(req.seed),
+                                   steps=None if req.steps is None else int(req.steps))
+
+    def submit(self, req: CompletionRequest, on_event: Callback) -> int:
+        """Queue ``req`` (checked first); returns its id. QueueFull when ``max_queue`` requests wait."""
+        req = self.check(req)
+        with self._cv:
+            if self._closed:
+                raise UserError("the engine is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            rid = self._next_id
+            self._next_id += 1
+            self._queue.append(_Pending(rid, req, on_event))
+            self._live.add(rid)
+            self._cv.notify_all()
+        return rid
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request: it leaves at the next step with ``Finished(finish_reason="cancelled")``."""
+        with self._cv:
+            if request_id not in self._live:
+                return
+            for p in self._queue:
+                if p.rid == request_id:
+                    self._queue.remove(p)
+                    self._dropped.append(p)
+                    break
+            else:
+                self._cancel.add(request_id)
+            self._cv.notify_all()
+
+    # ---------------------------------------------------------------- stepping
+    def step(self) -> bool:
+        """Admit waiting requests into free slots and advance every active one by one step (one network
+        call for the batched methods, a whole request for the others). False when there was nothing to do."""
+        with self._step_lock, torch.inference_mode():
+            with self._cv:
+                dropped, self._dropped = self._dropped, []
+                cancel, self._cancel = self._cancel, set()
+            for p in dropped:
+                self._finish(p, [], 0, 0.0, "cancelled")
+            for row in [r for r in self._rows if r.rid in cancel]:
+                self._leave(row, "cancelled")
+            with self._cv:
+                free = (self.max_batch - len(self._rows)) if self.batched else 1
+                admit = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+            if not self.batched:
+                for p in admit:
+                    self._run_whole(p)
+                return bool(dropped or cancel or admit)
+            for p in admit:
+                self._admit(p)
+            stepped = bool(self._rows)
+            if stepped:
+                self._batched_step()
+            with self._cv:
+                self._n_active = len(self._rows)
+            return bool(dropped or cancel or admit or stepped)
+
+    def run_until_idle(self) -> None:
+        """Step until no request is queued or active."""
+        while self._has_work():
+            self.step()
+
+    def _has_work(self) -> bool:
+        with self._cv:
+            return bool(self._queue or self._dropped or self._cancel or self._rows)
+
+    def start(self) -> None:
+        """Run :meth:`step` in a daemon thread while there is work (it sleeps otherwise)."""
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._loop, name="esolm-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._queue or self._dropped or self._cancel or self._rows or self._closed):
+                    self._cv.wait()
+                if self._closed and not (self._queue or self._dropped or self._cancel or self._rows):
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug outside any one request: fail the active ones, keep serving
+                log.exception("engine step failed")
+                with self._step_lock:
+                    rows, self._rows = self._rows, []
+                    for row in rows:
+                        self._finish(row.pending, [], row.k, time.perf_counter() - row.t0, "error", e)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; finish the queued and active ones (``drain``) or cancel them, then stop the
+        thread of :meth:`start` (waiting up to ``timeout`` seconds), or step here when none runs."""
+        with self._cv:
+            self._closed = True
+            if not drain:
+                self._dropped.extend(self._queue)
+                self._queue.clear()
+                self._cancel.update(self._live)
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        else:
+            self.run_until_idle()
+
+    # ---------------------------------------------------------------- request lifecycle
+    def _emit(self, pending: _Pending, event) -> Exception | None:
+        try:
+            pending.on_event(event)
+        except Exception as e:
+            return e
+        return None
+
+    def _finish(self, pending: _Pending, tokens: list[int], nfe: int, seconds: float, reason: str,
+                error: Exception | None = None) -> None:
+        msg = None if error is None else f"{type(error).__name__}: {error}"
+        if error is not None:
+            log.error("request %d failed: %s", pending.rid, msg)
+        self._emit(pending, Finished(pending.rid, tokens, nfe, seconds, reason, msg))
+        with self._cv:
+            self._live.discard(pending.rid)
+
+    def _initial(self, req: CompletionRequest) -> Tensor:
+        """[1, p + max_tokens] given tokens in place, the mask (0 without one) elsewhere, as generate."""
+        mask_id = self.model.config.mask_id
+        p = len(req.prompt_ids)
+        x = torch.full((1, p + req.max_tokens), mask_id if mask_id is not None else 0, dtype=torch.long)
+        x[0, :p] = torch.tensor(req.prompt_ids, dtype=torch.long)
+        for pos, tok in (req.infill or {}).items():
+            x[0, pos] = tok
+        return x
+
+    def _plan(self, req: CompletionRequest, x: Tensor) -> Plan:
+        """The plan ``generate`` builds for this one sample (same plan-generator use)."""
+        free = x == self.model.config.mask_id
+        gen = torch.Generator().manual_seed(req.seed)
+        length = x.shape[1]
+        if req.schedule in ("auto", "ancestral"):
+            return plan_binomial(free, req.steps or length, req.alpha0, gen)
+        if req.schedule == "first_hitting":
+            return plan_one_per_step(free, req.alpha0, gen)
+        return plan_strided(free, req.steps or length, req.alpha0, False, gen)
+
+    def _admit(self, p: _Pending) -> None:
+        req = p.req
+        try:
+            x = self._initial(req)
+            length = x.shape[1]
+            prompt_len = len(req.prompt_ids)
+            if self.method.name == "ar":
+                order = torch.arange(length)
+                bounds = [(i, i + 1) for i in range(prompt_len, length)]
+                shift, diffusion_end, n_given = 1, 0, prompt_len
+            else:
+                plan = self._plan(req, x)
+                order, bounds, shift = plan.order[0], plan.bounds(), 0
+                n_given = plan.n_given
+                diffusion_end = n_given + plan.n_diffusion
+            given_eos = [q for q, t in (req.infill or {}).items() if t == self.eos_id]  # all after the prompt
+            eos_at = min(given_eos, default=math.inf)
+            gen = torch.Generator(device=self.model.device).manual_seed(req.seed)
+            slot = len(self._rows)
+            self._tok[slot, :length] = x[0, order].to(self._tok.device)
+            self._pos[slot, :length] = order.to(self._tok.device)
+            row = _Row(p, slot, order, bounds, shift, diffusion_end, n_given, eos_at, gen)
+        except Exception as e:
+            self._finish(p, [], 0, 0.0, "error", e)
+            return
+        self._rows.append(row)
+        if row.done:  # nothing to decode (all given), or an infill EOS precedes it all
+            self._leave(row)
+        with self._cv:
+            self._n_active = len(self._rows)
+
+    def _leave(self, row: _Row, reason: str | None = None, error: Exception | None = None) -> None:
+        """Remove ``row`` (its slot gets the last row) and emit its Finished (reason None: by its tokens)."""
+        tokens: list[int] = []
+        if error is None and reason != "cancelled":
+            length = len(row.order_list)
+            sorted_tok = self._tok[row.slot, :length].cpu()
+            out = torch.empty_like(sorted_tok).scatter_(0, row.order, sorted_tok)
+            tokens, reason = _cut(out, len(row.pending.req.prompt_ids), self.eos_id)
+        last = self._rows.pop()
+        if last is not row:
+            self._cache.move(last.slot, row.slot, last.start)
+            self._tok[row.slot] = self._tok[last.slot]
+            self._pos[row.slot] = self._pos[last.slot]
+            last.slot = row.slot
+            self._rows[row.slot] = last
+        self._finish(row.pending, tokens, row.k, time.perf_counter() - row.t0, reason, error)
+
+    def _batched_step(self) -> None:
+        rows = self._rows
+        b = len(rows)
+        device = self._tok.device
+        feed = [(r.start, r.bounds[r.k][1] - r.shift) for r in rows]
+        n_new = torch.tensor([hi - lo for lo, hi in feed])
+        n_out = [hi - lo for lo, hi in (r.bounds[r.k] for r in rows)]
+        s, m = int(n_new.max()), max(n_out)
+        kv_len = max(hi for _, hi in feed)
+        start = torch.tensor([lo for lo, _ in feed])
+        # right-aligned: new token u of row i sits at sorted index start_i + u - (s - n_i)
+        slot = start[:, None] + torch.arange(s)[None] - (s - n_new)[:, None]
+        capacity = self._tok.shape[1]
+        dst = torch.where(slot >= start[:, None], slot, capacity).to(device)  # padding: the scratch slot
+        idx = slot.clamp(min=0).to(device)
+        self._cache.prepare(dst, kv_len)
+        try:
+            logits = self.model(self._tok[:b].gather(1, idx), self._pos[:b].gather(1, idx),
+                                mask=masks.slot_causal(idx, kv_len), cache=self._cache, cond=self._conditioning(b),
+                                logits_slice=slice(s - m, None))
+        except Exception as e:  # nothing to blame on one request: the whole batch fails
+            for row in list(rows):
+                self._leave(row, "error", e)
+            return
+        self._counts["steps"] += 1
+        mask_id = self.model.config.mask_id
+        leaving: list[tuple[_Row, Exception | None]] = []
+        for i, row in enumerate(rows):
+            try:
+                req = row.pending.req
+                lo, hi = row.bounds[row.k]
+                drawn = draw(logits[i:i + 1, m - (hi - lo):], mask_id, req.top_p, row.generator, req.greedy,
+                             req.temperature)
+                self._tok[row.slot, lo:hi] = drawn[0]
+                new = drawn[0].tolist()
+                positions = row.order_list[lo:hi]
+                if self.eos_id is not None:
+                    eos = [q for q, t in zip(positions, new) if t == self.eos_id]
+                    row.eos_at = min([row.eos_at, *eos])
+                phase = "diffusion" if lo < row.diffusion_end else "sequential"
+                event = StepEvent(row.rid, row.k, positions, new, phase)
+                row.k += 1
+                row.start, row.decided = lo, hi
+                self._counts["nfe"] += 1
+                self._counts["tokens"] += hi - lo
+                err = self._emit(row.pending, event)
+                if err is not None:
+                    raise err
+                if row.done:
+                    leaving.append((row, None))
+            except Exception as e:
+                leaving.append((row, e))
+        for row, err in leaving:
+            self._leave(row, "error" if err is not None else None, err)
+
+    def _conditioning(self, b: int) -> FrozenConditioning:
+        """The one-sample frozen conditioning relabelled for ``b`` rows: its folded weights do not depend on
+        the row (sigma = 0 for every row), so they serve any batch."""
+        if b not in self._cond:
+            self._cond[b] = dataclasses.replace(self._cond1, batch_size=b)
+        return self._cond[b]
+
+    def _run_whole(self, p: _Pending) -> None:
+        """A non-batched method: the whole request through ``generate``, then its events from the trace."""
+        req = p.req
+        t0 = time.perf_counter()
+        name = self.method.name
+        try:
+            x = self._initial(req)
+            prompt_len = len(req.prompt_ids)
+            diffusion_end = None
+            if name == "esolm":
+                plan = self._plan(req, x)
+                diffusion_end = plan.n_given + plan.n_diffusion
+                starts = [lo for lo, _ in plan.bounds()]
+            out = generate(self.model, self.method, prompt_ids=[req.prompt_ids], infill=req.infill,
+                           steps=req.steps, alpha0=req.alpha0, top_p=req.top_p, temperature=req.temperature,
+                           seed=req.seed, max_length=x.shape[1], sampler=req.schedule, greedy=req.greedy,
+                           bos_id=self.bos_id, trace=True)
+            tokens = out.tokens[0]
+            pairs = name != "esolm" and req.schedule in ("auto", "ancestral")  # [n, 2] (row, position)
+            for k, t in enumerate(out.trace[0]):
+                positions = (t[:, 1] if pairs else t[0]).tolist()
+                phase = "diffusion" if diffusion_end is None or starts[k] < diffusion_end else "sequential"
+                err = self._emit(p, StepEvent(p.rid, k, positions, tokens[positions].tolist(), phase))
+                if err is not None:
+                    raise err
+            self._counts["steps"] += out.nfe
+            self._counts["nfe"] += out.nfe
+            self._counts["tokens"] += int((x[0] == self.model.config.mask_id).sum())
+            completion, reason = _cut(tokens, prompt_len, self.eos_id)
+        except Exception as e:
+            self._finish(p, [], 0, time.perf_counter() - t0, "error", e)
+            return
+        self._finish(p, completion, out.nfe, time.perf_counter() - t0, reason)
