@@ -81,7 +81,9 @@ def main() -> int:
         "Random networks; diffusion methods use the adaLN DiT, AR the plain causal transformer. Eso-LM (B): "
         "alpha0 = 1, one token per step, KV cache. MDLM: first-hitting (one full bidirectional pass per "
         "token). BD3-LM: block size 16, one token per in-block step, cached blocks. AR: KV cache from one BOS "
-        "token. Times are wall times of `esolm.sampling.generate`.",
+        "token. Every method runs the folded inference path (adaLN and LayerNorm weights folded into the "
+        "linear layers once per sample: an Eso-LM (B) step is an AR step on 2 tokens, the last layer on 1). "
+        "Times are wall times of `esolm.sampling.generate`.",
         "",
         f"## All methods: {MAIN['layers']} layers x {MAIN['hidden']} hidden, {MAIN['heads']} heads, "
         f"vocabulary {MAIN['vocab']}",

@@ -12,10 +12,12 @@ Each method decodes about one token per network call (NFE ~ L), as in the paper'
 
 The networks are random (latency does not depend on the weights); diffusion models use the adaLN DiT,
 AR the plain causal transformer, all with the same width, depth, heads and vocabulary. Batch size 1 by
-default; no nucleus filtering. A time is the wall time of the whole ``generate`` call (planning,
-sampling, copy to the host), best of ``--repeats`` interleaved runs. The default size (2 layers x 128
-hidden, 4 heads, vocabulary 1024) keeps MDLM at L = 2048 (2048 full passes over 2048 tokens) to a few
-minutes on one CPU core; the paper's is 12 x 768 on a GPU.
+default; no nucleus filtering. Every sampler runs the network's folded inference path
+(``DiT.frozen_conditioning``: adaLN and LayerNorm weights folded into the linear layers), so an Eso-LM (B)
+step and an AR step are the same operations on 2 and 1 tokens. A time is the wall time of the whole
+``generate`` call (planning, sampling, copy to the host), best of ``--repeats`` interleaved runs. The
+default size (2 layers x 128 hidden, 4 heads, vocabulary 1024) keeps MDLM at L = 2048 (2048 full passes
+over 2048 tokens) to a few minutes on one CPU core; the paper's is 12 x 768 on a GPU.
 """
 
 from __future__ import annotations

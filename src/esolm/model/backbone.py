@@ -11,12 +11,17 @@ not the network. Parameter names follow the authors' layout, so their checkpoint
   not on attention weights), adaLN shift/scale/gate from a time
   embedding (``sigma_map``), tanh-GELU MLP; adaLN modulations and the output layer start at zero;
 * final LayerNorm + adaLN + linear to the vocabulary.
+
+Inference with a conditioning fixed over many calls (samplers: sigma = 0) runs a folded path
+(:meth:`DiT.frozen_conditioning`): adaLN shift/scale/gate and LayerNorm weights folded into the linear
+layers, so an Eso-LM step and an AR step are the same operations.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,15 +141,14 @@ class Block(nn.Module):
         """adaLN shift/scale/gate (each [B, 1, d]) for the conditioning vector ``c`` [B, cond_dim]."""
         return self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], c: Tensor | tuple | None, mask: Tensor | None,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], c: Tensor | None, mask: Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """``c``: the conditioning vector, or this block's precomputed :meth:`modulation` of it."""
+        """``c``: the conditioning vector [B, cond_dim] (``None`` without adaLN)."""
         drop = self.dropout if self.training else 0.0
         if self.adaLN_modulation is None:
             x = x + F.dropout(self._attention(self.norm1(x), rope, mask, cache, layer), drop, self.training)
             return x + F.dropout(self.mlp(self.norm2(x)), drop, self.training)
-        mods = c if isinstance(c, tuple) else self.modulation(c)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
         h = self._attention(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer)
         x = x + gate1 * F.dropout(h, drop, self.training)
         h = self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -171,27 +175,71 @@ class FinalLayer(nn.Module):
     def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
         return self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
 
-    def forward(self, x: Tensor, c: Tensor | tuple | None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
         h = self.norm_final(x)
         if self.adaLN_modulation is not None:
-            shift, scale = c if isinstance(c, tuple) else self.modulation(c)
+            shift, scale = self.modulation(c)
             h = modulate(h, shift, scale)
         return self.linear(h)
 
 
+class FoldedBlock(NamedTuple):
+    """One block with its frozen adaLN (or plain) LayerNorm affines folded into the linear layers.
+
+    Weights are stored transposed ([in, out], contiguous) for ``torch.addmm``; a bias is ``None`` where it
+    is identically zero (the AR transformer's attention, without shift).
+    """
+
+    qkv_w: Tensor
+    qkv_b: Tensor | None
+    out_w: Tensor
+    fc1_w: Tensor
+    fc1_b: Tensor
+    fc2_w: Tensor
+    fc2_b: Tensor
+
+
+def _fold_input(linear_w: Tensor, linear_b: Tensor | None, ln_w: Tensor, shift: Tensor | None,
+                scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``Linear(modulate(LN(x) * ln_w, shift, scale))`` as ``LN(x) @ W + b`` (LN without affine):
+    ``W = (linear_w * (ln_w * (1 + scale)))^T``, ``b = linear_b + linear_w @ shift``."""
+    g = ln_w if scale is None else ln_w * (1 + scale)
+    w = (linear_w * g).t().contiguous()
+    b = linear_b
+    if shift is not None:
+        b = linear_w @ shift if b is None else b + linear_w @ shift
+    return w, b
+
+
+def _residual(x: Tensor, h: Tensor, w: Tensor, bias: Tensor | None, drop: float) -> Tensor:
+    """``x + dropout(h @ w + bias)``; without dropout the product is accumulated into ``x`` (one ``addmm``)."""
+    if drop:
+        y = h @ w if bias is None else torch.addmm(bias, h, w)
+        return x + F.dropout(y, drop, True)
+    x = torch.addmm(x, h, w)
+    return x if bias is None else x.add_(bias)
+
+
 @dataclass
 class FrozenConditioning:
-    """Precomputed adaLN modulations (see :meth:`DiT.frozen_conditioning`)."""
+    """A conditioning fixed over many inference calls, folded into the weights (see
+    :meth:`DiT.frozen_conditioning`): with it every block is LayerNorm (no affine) -> linear layers, the
+    same operations for the adaLN DiT and the AR transformer."""
 
     batch_size: int
-    blocks: list[tuple[Tensor, ...]]
-    final: tuple[Tensor, ...]
+    blocks: list[FoldedBlock]
+    final_w: Tensor
+    final_b: Tensor
+    cos: Tensor  # rotary tables [max positions, head_dim]; ``sin`` carries the sign of the half rotation
+    sin: Tensor
+    mask_values: tuple[Tensor, Tensor]  # 0 and -inf: a boolean mask as an additive one
 
 
 class DiT(nn.Module):
     """The esolm backbone.
 
-    ``forward(input_ids, positions=None, mask=None, sigma=None, cache=None, commit=0)``
+    ``forward(input_ids, positions=None, mask=None, sigma=None, cache=None, commit=0, cond=None,
+    logits_slice=None)``
 
     * ``input_ids`` [B, S]: tokens in the order the method chose (sorted order);
     * ``positions`` [B, S]: each token's original position for rotary (default ``arange(S)``);
@@ -200,6 +248,7 @@ class DiT(nn.Module):
     * ``sigma`` [B]: noise-level conditioning (default 0, as Eso-LM and MDLM use);
     * ``cache``/``commit``: with a :class:`KVCache`, the new tokens attend to the cached ones too, and
       the keys/values of the first ``commit`` new tokens are kept;
+    * ``cond``: a :meth:`frozen_conditioning` (replaces ``sigma``): the folded inference path;
     * ``logits_slice``: compute the output layer only for ``x[:, logits_slice]`` (e.g. the z-half of a
       2L pass, or the masks of a sampling step) — the vocabulary projection is skipped elsewhere.
 
@@ -252,18 +301,51 @@ class DiT(nn.Module):
             sigma = torch.zeros(batch_size, device=self.device)
         return F.silu(self.sigma_map(sigma.reshape(-1).expand(batch_size)))
 
-    def frozen_conditioning(self, batch_size: int, sigma: Tensor | None = None) -> FrozenConditioning | None:
-        """Precompute every adaLN modulation for a conditioning that stays fixed over many calls.
+    @torch.no_grad()
+    def frozen_conditioning(self, batch_size: int, sigma: Tensor | None = None) -> FrozenConditioning:
+        """Fold a conditioning that stays fixed over many inference calls into the weights.
 
-        Eso-LM and MDLM condition on sigma = 0 throughout sampling, so the time embedding and the adaLN
-        shift/scale/gate vectors are the same at every step; passing the result as ``forward(cond=...)``
-        skips recomputing them (identical numbers, fewer operations per call). ``None`` without adaLN.
+        Eso-LM and MDLM condition on sigma = 0 throughout sampling (the same for every row), so each
+        ``modulate(LN(x), shift, scale)`` followed by a linear layer is a LayerNorm without affine followed
+        by a linear layer with weight ``W diag(w_LN (1 + scale))`` and bias ``b + W shift``, and each gate
+        scales the rows of the branch's output layer. The AR transformer folds its LayerNorm weights the
+        same way, so both run one op sequence (:meth:`forward` with ``cond=``). The logits equal the
+        unfolded ones up to rounding. The folded weights are detached: for inference only. ``sigma``: one
+        noise level shared by every row (default 0). Positions must be below ``config.length`` (rotary
+        tables are precomputed).
         """
-        c = self.conditioning(batch_size, sigma)
-        if c is None:
-            return None
-        return FrozenConditioning(batch_size, [blk.modulation(c) for blk in self.blocks],
-                                  self.output_layer.modulation(c))
+        c = self.conditioning(1, None if sigma is None else self._uniform_sigma(sigma))
+        blocks = []
+        for blk in self.blocks:
+            if c is None:
+                shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = None
+            else:
+                shift1, scale1, gate1, shift2, scale2, gate2 = (m.reshape(-1) for m in blk.modulation(c))
+            fc1, fc2 = blk.mlp[0], blk.mlp[2]
+            qkv_w, qkv_b = _fold_input(blk.attn_qkv.weight, None, blk.norm1.weight, shift1, scale1)
+            fc1_w, fc1_b = _fold_input(fc1.weight, fc1.bias, blk.norm2.weight, shift2, scale2)
+            out_w, fc2_w, fc2_b = blk.attn_out.weight, fc2.weight, fc2.bias
+            if gate1 is not None:
+                out_w, fc2_w, fc2_b = out_w * gate1[:, None], fc2_w * gate2[:, None], fc2_b * gate2
+            blocks.append(FoldedBlock(qkv_w, qkv_b, out_w.t().contiguous(), fc1_w, fc1_b,
+                                      fc2_w.t().contiguous(), fc2_b))
+        final = self.output_layer
+        shift, scale = (None, None) if c is None else (m.reshape(-1) for m in final.modulation(c))
+        final_w, final_b = _fold_input(final.linear.weight, final.linear.bias, final.norm_final.weight, shift,
+                                       scale)
+        cos, sin = self.rotary_emb(torch.arange(self.config.length, device=self.device)[None])
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        zero = final_w.new_zeros(())
+        return FrozenConditioning(batch_size, blocks, final_w, final_b, cos[0, 0], sin[0, 0],
+                                  (zero, zero - math.inf))
+
+    @staticmethod
+    def _uniform_sigma(sigma: Tensor) -> Tensor:
+        flat = sigma.reshape(-1)
+        if flat.numel() == 0 or not bool((flat == flat[0]).all()):
+            raise ValueError("a frozen conditioning needs one noise level shared by every row")
+        return flat[:1]
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
                 sigma: Tensor | None = None, cache: KVCache | None = None, commit: int = 0,
@@ -271,18 +353,59 @@ class DiT(nn.Module):
         b, s = input_ids.shape
         if positions is None:
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        if cond is not None:
+            if cond.batch_size != b:
+                raise ValueError(f"frozen conditioning is for batch size {cond.batch_size}, input has {b}")
+            return self._forward_folded(input_ids, positions, mask, cache, commit, cond, logits_slice)
         x = self.vocab_embed(input_ids)
-        if cond is not None and cond.batch_size != b:
-            raise ValueError(f"frozen conditioning is for batch size {cond.batch_size}, input has {b}")
-        c = self.conditioning(b, sigma) if cond is None else None
+        c = self.conditioning(b, sigma)
         rope = self.rotary_emb(positions)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, c if cond is None else cond.blocks[i], mask, cache, i)
+            x = block(x, rope, c, mask, cache, i)
         if cache is not None:
             cache.commit(commit)
         if logits_slice is not None:
             x = x[:, logits_slice]
-        return at_least_fp32(self.output_layer(x, c if cond is None else cond.final))
+        return at_least_fp32(self.output_layer(x, c))
+
+    def _forward_folded(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None, cache: KVCache | None,
+                        commit: int, cond: FrozenConditioning, logits_slice: slice | None) -> Tensor:
+        """:meth:`forward` with the folded weights of ``cond``: per block LayerNorm -> qkv -> rotary ->
+        attention -> output projection added to the residual (one ``addmm``), the same for the MLP.
+
+        A boolean mask becomes an additive one once, not once per layer. With ``logits_slice``, the last
+        block runs attention and MLP only for the sliced rows (the others' outputs are never read; their
+        keys and values are still cached).
+        """
+        b, rows = input_ids.shape
+        d, n_heads, head_dim = self.config.hidden_size, self.config.n_heads, self.config.head_dim
+        drop = self.config.dropout if self.training else 0.0
+        x = self.vocab_embed.embedding[input_ids].view(b * rows, d)
+        cos, sin = cond.cos[positions][:, None], cond.sin[positions][:, None]  # [B, 1, S, head_dim]
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.where(mask, *cond.mask_values)
+        last = len(cond.blocks) - 1
+        for i, blk in enumerate(cond.blocks):
+            h = F.layer_norm(x, (d,))
+            qkv = torch.mm(h, blk.qkv_w) if blk.qkv_b is None else torch.addmm(blk.qkv_b, h, blk.qkv_w)
+            qkv = qkv.view(b, rows, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
+            qk = qkv[:2] * cos + qkv[:2].roll(head_dim // 2, -1) * sin  # rotary on q and k at once
+            q, k, v = qk[0], qk[1], qkv[2]
+            if cache is not None:
+                k, v = cache.update(i, k, v)
+            if i == last and logits_slice is not None:
+                q, x = q[:, :, logits_slice], x.view(b, rows, d)[:, logits_slice].reshape(-1, d)
+                rows = q.shape[2]
+                if mask is not None and mask.shape[-2] > 1:
+                    mask = mask[..., logits_slice, :]
+            h = attend(q, k, v, mask).transpose(1, 2).reshape(b * rows, d)
+            x = _residual(x, h, blk.out_w, None, drop)
+            h = F.gelu(torch.addmm(blk.fc1_b, F.layer_norm(x, (d,)), blk.fc1_w), approximate="tanh")
+            x = _residual(x, h, blk.fc2_w, blk.fc2_b, drop)
+        if cache is not None:
+            cache.commit(commit)
+        logits = torch.addmm(cond.final_b, F.layer_norm(x, (d,)), cond.final_w)
+        return at_least_fp32(logits.view(b, -1, logits.shape[-1]))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -33,7 +33,7 @@ def sample_ar(model, x: Tensor, prompt_len: int, *, top_p=None, generator: torch
     steps = [] if trace else None
     start = 0
     with Stopwatch(model.device) as sw:
-        cond = model.frozen_conditioning(b)  # None for the AR transformer (no adaLN)
+        cond = model.frozen_conditioning(b)  # folded weights (AR too)
         for k, i in enumerate(range(prompt_len, length)):
             n_new = i - start
             mask = None if n_new == 1 else masks.causal(n_new, tokens.device)
