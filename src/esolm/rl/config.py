@@ -1,0 +1,187 @@
+"""RL run configs: YAML presets (``esolm/presets/rl-*.yaml``) plus ``section.key=value`` overrides.
+
+Sections: ``policy`` (the starting model: anything :func:`esolm.io.load_model` reads), ``task`` (a shipped
+task, or a prompt file plus a reward function), ``rl`` (GRPO and rollout settings), ``optim`` and ``trainer``
+(the same trainer keys as supervised runs: devices, precision, checkpoints, resume, loggers, progress bar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from esolm.errors import ConfigError
+from esolm.methods import check_alpha0, check_temperature, check_top_p
+from esolm.recipes import PRESETS_DIR, TrainerSection, _set_field, parse_override
+from esolm.rl.trajectory import LIKELIHOODS
+
+
+@dataclass
+class TaskSection:
+    name: str | None = None          # a shipped task: arithmetic | sudoku | countdown
+    prompts: str | None = None       # or a file of prompts (.txt: one per line; .jsonl: {"prompt": ...})
+    reward: str | None = None        # reward callable module:function or file.py:function (default: the task's)
+    eval_prompts: int = 200          # held-out prompts for accuracy (fixed seed)
+    eval_every: int = 10             # RL iterations between held-out evaluations (0: only before and after)
+    eval_seed: int = 1234
+
+
+@dataclass
+class RLSection:
+    likelihood: str = "exact"        # exact (Eso-LM (B)) | mean-field (d1's estimate; any diffusion model)
+    group_size: int = 8              # G rollouts per prompt
+    prompts_per_step: int = 4        # prompts per RL iteration (batch = prompts_per_step x group_size)
+    inner_updates: int = 1           # optimizer steps on each batch of rollouts (mu)
+    clip_eps: float = 0.2
+    beta: float = 0.0                # KL(policy || reference) weight, k3 estimator; 0 disables
+    temperature: float = 1.0         # rollout law (the log-probs are always those of the law sampled)
+    top_p: float | None = None
+    alpha0: float | None = None      # Eso-LM rollout alpha0 (default: the policy's)
+    steps: int | None = None         # diffusion steps T of the rollout schedule (default: completion length)
+    mask_prompt: float = 0.15        # mean-field only: probability of masking each prompt token (d1)
+    scale_rewards: bool = True       # divide group advantages by the group's std (GRPO); False: Dr. GRPO
+
+
+@dataclass
+class RLOptimSection:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+def _rl_trainer() -> TrainerSection:
+    return TrainerSection(out_dir="runs/rl", global_batch=1, max_steps=100, precision="32-true", val_every=0,
+                          ckpt_every=10, log_every=1)
+
+
+SECTIONS = {"task": TaskSection, "rl": RLSection, "optim": RLOptimSection, "trainer": TrainerSection}
+TRAINER_KEYS = ("out_dir", "seed", "max_steps", "max_time", "accelerator", "devices", "num_nodes", "strategy",
+                "precision", "ckpt_every", "keep_checkpoints", "log_every", "logger", "progress", "resume")
+
+
+@dataclass
+class RLConfig:
+    preset: str = "custom"
+    policy: str | None = None
+    task: TaskSection = field(default_factory=TaskSection)
+    rl: RLSection = field(default_factory=RLSection)
+    optim: RLOptimSection = field(default_factory=RLOptimSection)
+    trainer: TrainerSection = field(default_factory=_rl_trainer)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["trainer"] = {k: d["trainer"][k] for k in TRAINER_KEYS}
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RLConfig:
+        return apply_dict(cls(), d)
+
+    def validate(self) -> RLConfig:
+        """Everything checkable without the model; ConfigError (one line)."""
+        def req(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        t, r, o, tr = self.task, self.rl, self.optim, self.trainer
+        req(self.policy is not None, "policy: give the starting model (a checkpoint or exported folder)")
+        req((t.name is None) != (t.prompts is None), "task: give task.name (a shipped task) or task.prompts "
+                                                     "(a prompt file with task.reward), not both")
+        req(t.prompts is None or t.reward is not None, "task.prompts needs task.reward (module:function)")
+        req(t.eval_prompts > 0, f"task.eval_prompts must be positive, got {t.eval_prompts}")
+        req(t.eval_every >= 0, "task.eval_every must be >= 0")
+        req(r.likelihood in LIKELIHOODS, f"rl.likelihood must be one of {', '.join(LIKELIHOODS)}, "
+                                         f"got {r.likelihood!r}")
+        req(r.group_size >= 2, f"rl.group_size must be at least 2 (advantages are relative to the group), "
+                               f"got {r.group_size}")
+        req(r.prompts_per_step >= 1, "rl.prompts_per_step must be positive")
+        req(r.inner_updates >= 1, "rl.inner_updates must be positive")
+        req(0.0 < r.clip_eps < 1.0, f"rl.clip_eps must be in (0, 1), got {r.clip_eps}")
+        req(r.beta >= 0.0, "rl.beta must be >= 0")
+        req(0.0 <= r.mask_prompt < 1.0, "rl.mask_prompt must be in [0, 1)")
+        req(r.steps is None or r.steps >= 1, "rl.steps must be positive")
+        check_temperature(r.temperature)
+        check_top_p(r.top_p)
+        if r.alpha0 is not None:
+            check_alpha0(r.alpha0)
+        req(o.lr > 0, "optim.lr must be positive")
+        req(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas invalid: {o.betas}")
+        req(o.grad_clip >= 0, "optim.grad_clip must be >= 0")
+        for k in ("devices", "num_nodes", "max_steps", "log_every"):
+            req(getattr(tr, k) > 0, f"trainer.{k} must be positive, got {getattr(tr, k)}")
+        req(tr.ckpt_every >= 0, "trainer.ckpt_every must be >= 0")
+        return self
+
+
+def apply_dict(cfg: RLConfig, d: dict) -> RLConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"an RL config must be a mapping, got {type(d).__name__}")
+    for key, value in d.items():
+        if key == "preset":
+            cfg.preset = str(value)
+        elif key == "policy":
+            cfg.policy = None if value is None else str(value)
+        elif key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{key}' must be a mapping")
+            for name, v in value.items():
+                _check_trainer_key(key, name)
+                _set_field(getattr(cfg, key), name, v, f"{key}.{name}")
+        else:
+            raise ConfigError(f"unknown RL config section '{key}' (known: policy, {', '.join(SECTIONS)})")
+    return cfg
+
+
+def _check_trainer_key(section: str, name: str) -> None:
+    if section == "trainer" and name not in TRAINER_KEYS:
+        raise ConfigError(f"unknown config key 'trainer.{name}' for an RL run (known: {', '.join(TRAINER_KEYS)})")
+
+
+def apply_overrides(cfg: RLConfig, overrides: list[str]) -> RLConfig:
+    d: dict = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if parts == ["policy"] or parts == ["preset"]:
+            d[parts[0]] = value
+        elif len(parts) == 2 and parts[0] in SECTIONS:
+            d.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise ConfigError(f"unknown config key '{key}' (use policy=PATH or section.key with section in "
+                              f"{', '.join(SECTIONS)})")
+    return apply_dict(cfg, d)
+
+
+def rl_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("rl-*.yaml"))
+
+
+def load_rl_config(task_or_file: str, overrides: list[str] | tuple[str, ...] = ()) -> RLConfig:
+    """``TASK`` (preset ``rl-TASK``), a preset name ``rl-...``, or a YAML file; then overrides; validated."""
+    p = Path(task_or_file)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"RL config file not found: {p}")
+        path = p
+    else:
+        name = task_or_file if task_or_file.startswith("rl-") else f"rl-{task_or_file}"
+        path = PRESETS_DIR / f"{name}.yaml"
+        if not path.is_file():
+            choices = ", ".join(n.removeprefix("rl-") for n in rl_presets())
+            raise ConfigError(f"unknown RL task or preset '{task_or_file}' (shipped: {choices}; or a YAML file)")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = apply_dict(RLConfig(), d)
+    if cfg.preset == "custom":
+        cfg.preset = path.stem
+    return apply_overrides(cfg, list(overrides)).validate()

@@ -1,0 +1,169 @@
+"""Assembling and running an RL run: :func:`prepare_rl` (every check, before any work), :func:`train_rl`.
+
+An RL run writes ``OUT/config.yaml``, ``OUT/checkpoints/{stepNNNNNNNN,last}.ckpt`` (atomic, at RL-iteration
+boundaries, resumable exactly: rollouts are a function of ``(seed, iteration)``), ``OUT/logs`` (CSV: reward,
+accuracy, loss, clip fraction, KL, timings per optimizer step), ``OUT/eval.jsonl`` (held-out accuracy before,
+during and after), ``OUT/final_metrics.json`` and the final policy exported to ``OUT/policy`` (load it with
+``esolm.load_pretrained`` / ``esolm eval-task`` / ``esolm sample``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from esolm.errors import ConfigError, UserError
+from esolm.io import load_model
+from esolm.io.atomic import atomic_write
+from esolm.io.pretrained import LoadedModel, save_pretrained
+from esolm.recipes import parse_max_time
+from esolm.rl.config import RLConfig, RLSection
+from esolm.rl.grpo import LitGRPO, evaluate_prompts, rollout_groups
+from esolm.rl.prompts import PromptSource, checked_rewards, decode_completions, prompt_source
+from esolm.rl.trajectory import check_likelihood
+from esolm.training.checkpoints import AtomicCheckpointIO, Checkpoints, checkpoint_dir, clean_orphans, read_checkpoint
+from esolm.training.run import build_loggers, check_machine, check_out_dir, resolve_resume
+
+
+@dataclass
+class PreparedRL:
+    cfg: RLConfig
+    loaded: LoadedModel
+    source: PromptSource
+    ckpt_path: str | None
+
+
+def load_policy(path: str, device=None) -> LoadedModel:
+    """The starting policy; a missing file names the command that makes it."""
+    if not Path(path).exists():
+        raise UserError(f"policy {path} not found: make it first (for a shipped task: esolm train task-TASK, "
+                        f"see the README), or set policy=PATH")
+    loaded = load_model(path, device=device)
+    if loaded.tokenizer is None:
+        raise UserError(f"policy {path} has no tokenizer saved with it; RL needs one to read prompts and rewards")
+    return loaded
+
+
+def prepare_rl(cfg: RLConfig) -> PreparedRL:
+    """Config, machine, output folder, resume checkpoint, policy, likelihood/method, prompts and reward:
+    everything that can fail on user input, before any work."""
+    cfg.validate()
+    check_machine(cfg)
+    check_out_dir(cfg.trainer.out_dir)
+    ckpt = resolve_resume(cfg)
+    if ckpt is not None:
+        old = read_checkpoint(ckpt).get("hyper_parameters", {}).get("config")
+        if not isinstance(old, dict) or "rl" not in old:
+            raise ConfigError(f"{ckpt} is not an esolm RL checkpoint; use another trainer.out_dir")
+        keep = {"trainer", "preset"}
+        diff = sorted(k for k in cfg.to_dict() if k not in keep and cfg.to_dict()[k] != old.get(k))
+        if diff:
+            raise ConfigError(f"cannot resume {ckpt} with a different config ({', '.join(diff)}); start a fresh "
+                              f"run (trainer.resume=null or another trainer.out_dir)")
+    loaded = load_policy(cfg.policy)
+    check_likelihood(cfg.rl.likelihood, loaded.method)
+    t = cfg.task
+    source = prompt_source(t.name, t.prompts, t.reward)
+    length = loaded.model.config.length
+    tok = loaded.tokenizer
+    probe = source.train(2, 0)
+    for p in probe:
+        n = 1 + len(tok.encode(p))
+        if n >= length:
+            raise UserError(f"prompt {p[:40]!r} is {n} tokens with BOS, leaving no completion in the policy's "
+                            f"length {length}")
+    checked_rewards(source.reward, probe, ["" for _ in probe])  # the reward function runs, before any work
+    return PreparedRL(cfg, loaded, source, ckpt)
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        atomic_write(path, text)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e})") from None
+
+
+def train_rl(cfg: RLConfig, prepared: PreparedRL | None = None) -> LitGRPO:
+    """Run (or resume) GRPO; evaluates held-out accuracy before, every ``task.eval_every`` iterations and
+    after; exports the final policy to ``OUT/policy``."""
+    p = prepared or prepare_rl(cfg)
+    t, rl = cfg.trainer, cfg.rl
+    loaded = p.loaded
+    policy = loaded.model.float() if t.precision != "64-true" else loaded.model
+    reference = None
+    if rl.beta > 0:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    module = LitGRPO(cfg.to_dict(), policy, loaded.method.to_dict(), loaded.tokenizer, p.source, reference)
+    inner = rl.inner_updates
+    cbs = [Checkpoints(dirpath=checkpoint_dir(t.out_dir), filename="step{step:08d}", auto_insert_metric_name=False,
+                       every_n_train_steps=(t.ckpt_every * inner) or None, save_last=True,
+                       save_top_k=-1 if t.keep_checkpoints == -1 else t.keep_checkpoints,
+                       monitor=None if t.keep_checkpoints == -1 else "step", mode="max",
+                       save_on_train_epoch_end=False, enable_version_counter=False)]
+    if t.progress:
+        cbs.append(TQDMProgressBar(refresh_rate=1))
+    trainer = pl.Trainer(default_root_dir=t.out_dir, accelerator=t.accelerator, devices=t.devices,
+                         num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
+                         max_steps=t.max_steps * inner, max_time=parse_max_time(t.max_time), max_epochs=-1,
+                         log_every_n_steps=t.log_every, logger=build_loggers(cfg) or False, callbacks=cbs,
+                         plugins=[AtomicCheckpointIO()], enable_progress_bar=t.progress,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    out = Path(t.out_dir)
+    if trainer.is_global_zero:
+        for orphan in clean_orphans(checkpoint_dir(out)):
+            print(f"removed {orphan}, left by a checkpoint writer that was killed")
+        _write(out / "config.yaml", cfg.to_yaml())
+    steps = torch.utils.data.DataLoader(range(t.max_steps * inner), batch_size=None)
+    before = None
+    if p.ckpt_path is None:
+        before = module.run_eval()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the policy runs in eval mode
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+        trainer.fit(module, train_dataloaders=steps, ckpt_path=p.ckpt_path, weights_only=True)
+    elapsed = time.perf_counter() - t0
+    if not module.eval_history or module.eval_history[-1]["iteration"] != module.iteration:
+        module.run_eval()
+    if trainer.is_global_zero:
+        hist = module.eval_history
+        _write(out / "eval.jsonl", "".join(json.dumps(h) + "\n" for h in hist))
+        final = {"iterations": module.iteration, "fit_seconds": round(elapsed, 1),
+                 "heldout_accuracy_start": hist[0]["accuracy"], "heldout_accuracy_end": hist[-1]["accuracy"],
+                 "likelihood": rl.likelihood, "task": p.source.name}
+        _write(out / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+        save_pretrained(module.policy, out / "policy", loaded.method, tokenizer=loaded.tokenizer,
+                        recipe={"rl": cfg.to_dict(), "sft": loaded.recipe})
+        start = "" if before is None else f"{before['accuracy']:.3f} -> "
+        print(f"held-out accuracy ({hist[-1]['prompts']} prompts): {start}{hist[-1]['accuracy']:.3f} after "
+              f"{module.iteration} iterations; policy in {out / 'policy'}")
+    return module
+
+
+def evaluate_task(model_path: str, task: str | None = None, prompts: str | None = None, reward: str | None = None,
+                  n: int = 200, seed: int = 1234, settings: RLSection | None = None, device=None,
+                  show: int = 0) -> dict:
+    """Held-out accuracy of a model on a task (``esolm eval-task``)."""
+    loaded = load_policy(model_path, device)
+    check_likelihood("mean-field", loaded.method)  # any diffusion model; AR refused with one line
+    source = prompt_source(task, prompts, reward)
+    rl = settings or RLSection()
+    res = evaluate_prompts(loaded.model, loaded.method, loaded.tokenizer, source, n, seed, rl)
+    if show:
+        prompts = source.test(show, seed)
+        batches, rows = rollout_groups(loaded.model, loaded.method, loaded.tokenizer, prompts, 1, rl, seed)
+        completions = [""] * len(prompts)
+        for b, idx in zip(batches, rows):
+            for i, text in zip(idx, decode_completions(loaded.tokenizer, b.tokens, b.prompt_len)):
+                completions[i] = text
+        res["examples"] = [{"prompt": pr, "completion": c} for pr, c in zip(prompts, completions)]
+    return res
