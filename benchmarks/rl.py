@@ -14,7 +14,7 @@ Four measurements, written to ``benchmarks/results/rl/`` (``rl.md``, ``rl.json``
 
 Usage (after ``esolm train task-TASK`` for each task)::
 
-    python benchmarks/rl.py --tasks arithmetic sudoku countdown --seeds 1 2 3 --iterations 100 \\
+    python benchmarks/rl.py --tasks arithmetic sudoku countdown --seeds 1 2 3 \\
         --likelihoods exact --mean-field-tasks countdown
 
 Timings are single-threaded (``--threads 1``) and only meaningful on an otherwise idle machine.
@@ -33,15 +33,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_learning(task: str, likelihood: str, seed: int, iterations: int, runs: Path, extra: list[str]) -> dict:
+def run_learning(task: str, likelihood: str, seed: int, iterations: int | None, runs: Path, extra: list[str]) -> dict:
     from esolm.rl.config import load_rl_config
     from esolm.rl.run import prepare_rl, train_rl
 
     out = runs / f"{task}-{likelihood}-s{seed}"
+    budget = [] if iterations is None else [f"trainer.max_steps={iterations}"]
+    cfg = load_rl_config(task, [f"rl.likelihood={likelihood}", f"trainer.seed={seed}", f"trainer.out_dir={out}",
+                                "trainer.progress=false", *budget, *extra])
     done = out / "final_metrics.json"
-    if not (done.exists() and json.loads(done.read_text())["iterations"] >= iterations):
-        cfg = load_rl_config(task, [f"rl.likelihood={likelihood}", f"trainer.seed={seed}", f"trainer.out_dir={out}",
-                                    f"trainer.max_steps={iterations}", "trainer.progress=false", *extra])
+    if not (done.exists() and json.loads(done.read_text())["iterations"] >= cfg.trainer.max_steps):
         train_rl(cfg, prepare_rl(cfg))
     evals = [json.loads(ln) for ln in (out / "eval.jsonl").read_text().splitlines()]
     return {"task": task, "likelihood": likelihood, "seed": seed, "evals": evals}
@@ -239,7 +240,7 @@ def main(argv=None) -> None:
     ap.add_argument("--likelihoods", nargs="+", default=["exact"], choices=["exact", "mean-field"])
     ap.add_argument("--mean-field-tasks", nargs="*", default=["countdown"],
                     help="tasks also run with likelihood=mean-field (the comparison)")
-    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--iterations", type=int, default=None, help="RL iterations (default: each preset's)")
     ap.add_argument("--grad-task", default="countdown")
     ap.add_argument("--grad-batches", type=int, default=32)
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-rl")

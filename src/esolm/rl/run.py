@@ -129,6 +129,8 @@ def train_rl(cfg: RLConfig, prepared: PreparedRL | None = None) -> LitGRPO:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the policy runs in eval mode
+        # checkpoints are taken at RL-iteration boundaries, after the optimizer step: what resume needs
+        warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
         trainer.fit(module, train_dataloaders=steps, ckpt_path=p.ckpt_path, weights_only=True)
     elapsed = time.perf_counter() - t0
