@@ -346,6 +346,14 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith("rl-"))
 
 
+def read_yaml(path: Path, what: str) -> dict:
+    """A YAML mapping file (empty: {}); ConfigError (one line) when it does not parse."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def load_preset(name_or_path: str) -> RunConfig:
     """A preset by name (``esolm/presets/NAME.yaml``) or a YAML file path."""
     p = Path(name_or_path)
@@ -356,11 +364,7 @@ def load_preset(name_or_path: str) -> RunConfig:
         if not path.is_file():
             names = ", ".join(available_presets())
             raise ConfigError(f"unknown preset '{name_or_path}' (available: {names})")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"preset {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    cfg = apply_dict(RunConfig(), d)
+    cfg = apply_dict(RunConfig(), read_yaml(path, "preset"))
     if cfg.preset == "custom":
         cfg.preset = path.stem
     return cfg

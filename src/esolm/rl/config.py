@@ -15,7 +15,7 @@ import yaml
 
 from esolm.errors import ConfigError
 from esolm.methods import check_alpha0, check_temperature, check_top_p
-from esolm.recipes import PRESETS_DIR, TrainerSection, _set_field, parse_override
+from esolm.recipes import PRESETS_DIR, TrainerSection, _set_field, parse_override, read_yaml
 from esolm.rl.trajectory import LIKELIHOODS
 
 
@@ -177,11 +177,7 @@ def load_rl_config(task_or_file: str, overrides: list[str] | tuple[str, ...] = (
         if not path.is_file():
             choices = ", ".join(n.removeprefix("rl-") for n in rl_presets())
             raise ConfigError(f"unknown RL task or preset '{task_or_file}' (shipped: {choices}; or a YAML file)")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    cfg = apply_dict(RLConfig(), d)
+    cfg = apply_dict(RLConfig(), read_yaml(path, "RL config"))
     if cfg.preset == "custom":
         cfg.preset = path.stem
     return apply_overrides(cfg, list(overrides)).validate()

@@ -77,7 +77,7 @@ class GenerationOutput:
         return [row[: int(n)].tolist() for row, n in zip(self.tokens, lengths)]
 
 
-def _integer(value, what: str, lo: int, hi: int | None = None) -> int:
+def check_integer(value, what: str, lo: int, hi: int | None = None) -> int:
     """``value`` as an int in [lo, hi] (bools, floats and strings refused: UserError)."""
     try:
         v = None if isinstance(value, bool) else operator.index(value)
@@ -134,10 +134,10 @@ def _initial_tokens(length: int, vocab: int, mask_id: int | None, prompt_ids, in
         if isinstance(infill, Mapping):
             fill_in = torch.full((1, length), -1, dtype=torch.long)
             for pos, tok in infill.items():
-                i = _integer(pos, "infill position", 0, length - 1)
+                i = check_integer(pos, "infill position", 0, length - 1)
                 if fill_in[0, i] >= 0:
                     raise UserError(f"infill position {i} is given twice")
-                fill_in[0, i] = _integer(tok, f"infill token at position {i}", 0, vocab - 1)
+                fill_in[0, i] = check_integer(tok, f"infill token at position {i}", 0, vocab - 1)
         else:
             fill_in = _as_rows(infill, "infill")
             if fill_in.shape[1] != length:
@@ -148,7 +148,7 @@ def _initial_tokens(length: int, vocab: int, mask_id: int | None, prompt_ids, in
         if bool((fill_in[:, :p] >= 0).any()):
             raise UserError(f"infill gives a position inside the prompt (its first {p} positions)")
         rows.append(fill_in.shape[0])
-    n = max(rows) if num_samples is None else _integer(num_samples, "num_samples", 1)
+    n = max(rows) if num_samples is None else check_integer(num_samples, "num_samples", 1)
     for r in rows:
         if r not in (1, n):
             raise UserError(f"conditioning has {r} rows but {n} samples are requested")
@@ -187,13 +187,13 @@ def _prepare(model, method: Method | dict, *, num_samples: int | None = None, pr
         raise UserError(f"shuffle applies to the strided (subcontext) sampler only, not to {sampler!r}")
     if draft_length(speculative, draft) is not None and not (name == "esolm" and method.variant == "B"):
         raise UserError(f"speculative decoding needs an Eso-LM (B) model, not {method.label}")
-    steps = None if steps is None else _integer(steps, "steps", 1)
-    batch_size = None if batch_size is None else _integer(batch_size, "batch_size", 1)
-    _integer(seed, "seed", -(2**63), 2**64 - 1)
+    steps = None if steps is None else check_integer(steps, "steps", 1)
+    batch_size = None if batch_size is None else check_integer(batch_size, "batch_size", 1)
+    check_integer(seed, "seed", -(2**63), 2**64 - 1)
     top_p = check_top_p(top_p)
     check_temperature(temperature)
     cfg = model.config
-    length = cfg.length if max_length is None else _integer(
+    length = cfg.length if max_length is None else check_integer(
         max_length, f"max_length (the model's length is {cfg.length})", 1, cfg.length)
     a0 = None
     if name == "esolm":
@@ -204,7 +204,7 @@ def _prepare(model, method: Method | dict, *, num_samples: int | None = None, pr
     if name != "ar" and cfg.mask_id is None:
         raise UserError(f"a {name} model needs a mask token (config.mask_id)")
     for what, i in (("eos_id", eos_id), ("bos_id", bos_id)):
-        if i is not None and _integer(i, what, 0, cfg.vocab_size - 1) == cfg.mask_id:
+        if i is not None and check_integer(i, what, 0, cfg.vocab_size - 1) == cfg.mask_id:
             raise UserError(f"{what} {i} is the mask id")
     if name == "ar" and infill is not None:
         raise UserError("infilling needs a diffusion model; an AR model only takes a prompt")

@@ -38,7 +38,6 @@ import collections
 import dataclasses
 import logging
 import math
-import operator
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from esolm.errors import ConfigError, EsoLMError, UserError
 from esolm.methods import as_method, check_temperature, check_top_p
 from esolm.model import masks
 from esolm.model.backbone import FrozenConditioning
-from esolm.sampling.api import check_request, generate
+from esolm.sampling.api import check_integer, check_request, generate
 from esolm.sampling.draw import draw
 from esolm.sampling.schedule import Plan, plan_binomial, plan_one_per_step, plan_strided
 
@@ -186,17 +185,6 @@ class _Row:
         return self.decided == len(self.order_list) or self.eos_at < self.rest[self.decided]
 
 
-def _int(value, what: str, lo: int, hi: int | None = None) -> int:
-    try:
-        v = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or v < lo or (hi is not None and v > hi):
-        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise UserError(f"{what} must be an integer {span}, got {value!r}")
-    return v
-
-
 def _cut(tokens: Tensor, prompt_len: int, eos_id: int | None) -> tuple[list[int], str]:
     """Completion ids of ``tokens`` [L] (original order) after ``generate``'s EOS cut, and the reason."""
     out = tokens[prompt_len:].clone()
@@ -222,10 +210,10 @@ class Engine:
         self.model = model.eval()
         self.method = as_method(method)
         cfg = model.config
-        self.max_batch = _int(max_batch, "max_batch", 1)
-        self.max_queue = _int(max_queue, "max_queue", 1)
+        self.max_batch = check_integer(max_batch, "max_batch", 1)
+        self.max_queue = check_integer(max_queue, "max_queue", 1)
         for what, i in (("eos_id", eos_id), ("bos_id", bos_id)):
-            if i is not None and _int(i, what, 0, cfg.vocab_size - 1) == cfg.mask_id:
+            if i is not None and check_integer(i, what, 0, cfg.vocab_size - 1) == cfg.mask_id:
                 raise UserError(f"{what} {i} is the mask id")
         self.eos_id, self.bos_id = eos_id, bos_id
         m = self.method
@@ -276,8 +264,8 @@ class Engine:
         cfg = self.model.config
         if not isinstance(req.prompt_ids, (list, tuple)):
             raise UserError("prompt_ids must be a list of token ids")
-        prompt = [_int(t, "prompt token id", 0, cfg.vocab_size - 1) for t in req.prompt_ids]
-        max_tokens = _int(req.max_tokens, "max_tokens", 1)
+        prompt = [check_integer(t, "prompt token id", 0, cfg.vocab_size - 1) for t in req.prompt_ids]
+        max_tokens = check_integer(req.max_tokens, "max_tokens", 1)
         if not prompt and self._needs_start:
             start = self.bos_id if self.bos_id is not None else self.eos_id
             if start is None:
