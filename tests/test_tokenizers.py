@@ -73,3 +73,18 @@ def test_train_bpe_small_and_unknown_name():
     assert tok.decode(tok.encode("abd xyz")) == "abd xyz"
     with pytest.raises(ValueError, match="unknown tokenizer"):
         get_tokenizer("no-such-tokenizer")
+
+
+def test_chars_normalises_text8_style():
+    """Accents stripped, Unicode dashes to '-', any whitespace to a space, other non-ASCII dropped; printable
+    ASCII untouched (the character-level corpus is encodable whole)."""
+    from esolm.data.tokenizers import get_tokenizer
+
+    tok = get_tokenizer("chars")
+    cases = {"café Ōsaka": "cafe Osaka", "1990–1995 — x − y": "1990-1995 - x - y", "a\nb\tc\xa0d": "a b c d",
+             "α°×β!": "!", "naïve “quote”": "naive quote"}
+    for text, want in cases.items():
+        ids = tok.encode(text)
+        assert tok.decode(ids) == want and all(2 <= i < 97 for i in ids)
+    printable = "".join(chr(c) for c in range(32, 127))
+    assert tok.decode(tok.encode(printable)) == printable

@@ -15,8 +15,11 @@ dependencies):
   Wikipedia corpus (``scripts/train_bpe8k.py``) and shipped in ``esolm/assets/``; small enough for CPU
   models. Its own specials are ``<|endoftext|>`` (0, BOS/EOS/padding) and ``<|mask|>`` (1).
 * ``chars`` — one token per printable ASCII character (space..~, ids 2..96) after the same two specials:
-  exact and tiny (vocabulary 97), for the verifiable tasks of :mod:`esolm.rl.tasks`. Other characters
-  are not encodable.
+  exact and tiny (vocabulary 97), for the verifiable tasks of :mod:`esolm.rl.tasks` and the character-level
+  reproduction (``cpu-char``, results in bits per character). Text is normalised first, the text8-style
+  convention: NFKD with accents stripped (é -> e), Unicode dashes and minus to ``-``, every whitespace
+  character (newline, no-break space) to a space, anything else outside printable ASCII dropped (0.07%
+  of the embedded corpus). Printable ASCII is untouched, so encode/decode is lossless on it.
 
 All are wrapped by :class:`Tokenizer`, which carries the ids the method needs (``mask_id``,
 ``eos_id``, ``bos_id``, ``pad_id``) and saves/loads itself to a model folder (``tokenizer.json`` in HF
@@ -32,7 +35,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from esolm.errors import UserError
@@ -189,6 +192,12 @@ def chars() -> Tokenizer:
     """Character level: ``<|endoftext|>`` (0), ``<|mask|>`` (1), then printable ASCII (space..~) in order."""
     vocab = {GPT2_EOS: 0, MASK: 1} | {chr(c): 2 + c - 32 for c in range(32, 127)}
     backend = HFTokenizer(models.WordLevel(vocab))
+    backend.normalizer = normalizers.Sequence([
+        normalizers.NFKD(), normalizers.StripAccents(),
+        normalizers.Replace(Regex("[\u2010-\u2015\u2212]"), "-"),
+        normalizers.Replace(Regex("\\s"), " "),
+        normalizers.Replace(Regex("[^ -~]"), ""),
+    ])
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([GPT2_EOS, MASK])
