@@ -171,3 +171,65 @@ def test_judge_bos_token_choice():
     assert metrics.Judge(auto_with_bos.model, auto_with_bos.tokenizer, bos_token=None).bos_id is None
     with pytest.raises(ValueError):
         metrics.Judge(judge.model, judge.tokenizer, bos_token="<nope>")
+
+
+# -- a judge trained with esolm (the character-level frontier) -------------------------------------------------
+
+def _esolm_model_folder(tmp_path, method: dict, adaln: bool, length: int = 12):
+    from esolm.config import ModelConfig
+    from esolm.data.tokenizers import get_tokenizer
+    from esolm.io import save_pretrained
+    from esolm.model.backbone import DiT
+
+    tok = get_tokenizer("chars")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, mask_id=tok.mask_id, hidden_size=32, cond_dim=16, n_layers=2,
+                      n_heads=4, length=length, adaln=adaln)
+    model = DiT(cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    folder = tmp_path / method["name"]
+    save_pretrained(model, folder, method, tokenizer=tok)
+    return folder, model.double().eval(), tok
+
+
+@pytest.mark.numerics
+def test_esolm_ar_judge_is_the_models_own_likelihood(tmp_path):
+    """Judge NLL of a text = the AR objective's NLL of [BOS] + text (one window), and the window sum for texts
+    longer than the model (windows overlap by one token, each token after the first scored once)."""
+    from esolm.objectives import ARObjective
+
+    folder, model, tok = _esolm_model_folder(tmp_path, {"name": "ar"}, adaln=False)
+    assert metrics.is_esolm_model(folder) and not metrics.is_esolm_model(tmp_path / "nothing")
+    judge = metrics.Judge.load(str(folder), dtype=torch.float64, batch_size=3)
+    assert isinstance(judge, metrics.EsoLMJudge) and judge.context == 12
+    short = ["the cat", "a", "Eso-LM!", "x y z 123"]
+    long = ["the quick brown fox jumps over the lazy dog", "abcdefghijklmnopqrstuvwxyz0123"]
+    score = judge.score(short + long)
+    ar = ARObjective({"name": "ar"}).eval()
+    for i, text in enumerate(short):
+        ids = torch.tensor([[tok.bos_id] + tok.encode(text)])
+        out = ar(model, ids)
+        assert score.tokens_per_sample[i] == len(text)
+        assert math.isclose(score.nll_per_sample[i], float(out.terms["ar"][0].detach()), rel_tol=1e-12)
+    for j, text in enumerate(long):
+        ids = [tok.bos_id] + tok.encode(text)
+        want = 0.0
+        for s in range(0, len(ids) - 1, 11):
+            w = torch.tensor([ids[s:s + 12]])
+            want += float(ar(model, w).terms["ar"][0].detach())
+        assert score.tokens_per_sample[len(short) + j] == len(text)
+        assert math.isclose(score.nll_per_sample[len(short) + j], want, rel_tol=1e-12)
+
+
+def test_esolm_judge_must_be_ar(tmp_path):
+    folder, _, _ = _esolm_model_folder(tmp_path, {"name": "mdlm"}, adaln=True)
+    with pytest.raises(UserError, match="must be an AR model"):
+        metrics.Judge.load(str(folder))
+    with pytest.raises(UserError, match="exceeds"):
+        metrics.Judge.load(str(_esolm_model_folder(tmp_path, {"name": "ar"}, adaln=False)[0]), context=13)
+    hf_like = tmp_path / "hf"
+    hf_like.mkdir()
+    (hf_like / "config.json").write_text('{"model_type": "gpt2"}')
+    assert not metrics.is_esolm_model(hf_like)

@@ -24,10 +24,12 @@ Hugging Face causal LM (e.g. the paper's ``gpt2-large``) is loaded with ``Judge.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,7 +38,9 @@ import torch.nn.functional as F
 from esolm.data.tokenizers import package_dir
 from esolm.errors import UserError
 from esolm.likelihood import perplexity as perplexity_of
+from esolm.model import masks
 from esolm.model.backbone import at_least_fp32
+from esolm.objectives import MASK_LOGIT
 
 Tensor = torch.Tensor
 
@@ -170,13 +174,16 @@ class Judge:
     @classmethod
     def load(cls, name: str | None = None, *, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None, **kwargs) -> Judge:
-        """Load a judge: ``None``/``"smollm2"`` = the offline default; a ``.gguf`` file; or any Hugging Face
-        causal LM name or folder (``gpt2-large`` needs the hub or its local cache)."""
+        """Load a judge: ``None``/``"smollm2"`` = the offline default; a ``.gguf`` file; an esolm AR model (an
+        exported folder or an ``esolm train`` checkpoint: :class:`EsoLMJudge`); or any Hugging Face causal LM
+        name or folder (``gpt2-large`` needs the hub or its local cache)."""
+        name = name or DEFAULT_JUDGE
+        if is_esolm_model(name):
+            return EsoLMJudge.load(name, device=device, dtype=dtype, **kwargs)
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as e:
             raise MetricUnavailable(f"generative perplexity needs transformers: {JUDGE_INSTALL}") from e
-        name = name or DEFAULT_JUDGE
         if name == DEFAULT_JUDGE:
             path = smollm2_gguf_path()
             folder, gguf = str(path.parent), path.name
@@ -244,6 +251,71 @@ class Judge:
 
     def perplexity(self, texts: Sequence[str]) -> float:
         return self.score(texts).perplexity
+
+
+def is_esolm_model(name: str | os.PathLike) -> bool:
+    """True for an ``esolm train`` checkpoint or an exported esolm folder (``config.json`` says
+    ``"format": "esolm"``); Hugging Face folders and hub names are not."""
+    path = Path(name)
+    if path.is_file():
+        return path.suffix == ".ckpt"
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == "esolm"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class _CausalView(torch.nn.Module):
+    """An esolm AR model seen through the one call :meth:`Judge.score` makes of a Hugging Face causal LM:
+    ``model(input_ids=, attention_mask=).logits``. Right padding under a causal mask leaves the scored
+    positions untouched; the mask token gets no probability, as in the model's own likelihood."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        logits = self.inner(input_ids, mask=masks.causal(input_ids.shape[1], input_ids.device))
+        mask_id = self.inner.config.mask_id
+        if mask_id is not None:
+            logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), MASK_LOGIT)
+        return SimpleNamespace(logits=logits)
+
+
+class EsoLMJudge(Judge):
+    """Generative perplexity under an AR model trained with esolm: the judge-free frontier of the
+    character-level reproduction (NLL of samples under an AR model trained on the same data). Texts are
+    encoded with the judge's own tokenizer after its BOS, in windows of at most the model's length."""
+
+    def __init__(self, loaded, *, context: int | None = None, batch_size: int = 8, name: str = "esolm-ar"):
+        if loaded.method.name != "ar":
+            raise UserError(f"an esolm judge must be an AR model; {name} is {loaded.method.name}")
+        if loaded.tokenizer is None:
+            raise UserError(f"the esolm judge {name} has no tokenizer saved with it")
+        length = loaded.model.config.length
+        if context is not None and context > length:
+            raise UserError(f"judge context {context} exceeds the judge's length of {length} positions")
+        super().__init__(_CausalView(loaded.model), loaded.tokenizer, context=context or length,
+                         batch_size=batch_size, bos_token=None, name=name)
+        self.bos_id = loaded.tokenizer.bos_id
+        self.pad_id = loaded.tokenizer.pad_id
+
+    @classmethod
+    def load(cls, name: str | os.PathLike, *, device: str | torch.device = "cpu",  # type: ignore[override]
+             dtype: torch.dtype | None = None, **kwargs) -> EsoLMJudge:
+        from esolm.io.pretrained import load_model
+
+        loaded = load_model(name, device=device, require_tokenizer=True)
+        if dtype is not None:
+            loaded.model.to(dtype)
+        kwargs.pop("bos_token", None)
+        return cls(loaded, name=f"esolm AR {Path(name).name}", **kwargs)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_id] + list(self.tokenizer.encode(text))
 
 
 def _model_max_positions(model) -> int | None:
