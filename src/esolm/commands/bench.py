@@ -89,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--sampler", default="auto")
     f.add_argument("--seed", type=_args.int_at_least(0), default=0)
     f.add_argument("--tokenizer", default=None, help="tokenizer for every model (default: saved with each)")
-    f.add_argument("--judge", default=None, help="judge LM for Gen PPL (default: smollm2, offline)")
+    f.add_argument("--judge", default=None,
+                   help="judge LM for Gen PPL (default: smollm2, offline); an esolm AR model folder or checkpoint "
+                        "gives the judge-free metric (NLL of the samples under an AR model trained here)")
     f.add_argument("--judge-context", type=_args.int_at_least(2), default=None)
     f.add_argument("--judge-batch-size", type=_args.positive_int, default=8)
     f.add_argument("--no-gen-ppl", action="store_true", help="skip generative perplexity")

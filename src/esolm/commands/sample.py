@@ -27,7 +27,8 @@ from esolm.commands import _args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a save_pretrained folder, a training checkpoint, or a Hugging Face repo id")
+    p.add_argument("model", help="a save_pretrained folder, a training checkpoint, a shipped model (esolm-small) "
+                                 "or a Hugging Face repo id")
     p.add_argument("--out", default="samples.jsonl", help="JSONL output ('-' for stdout)")
     p.add_argument("--num-samples", type=_args.positive_int, default=8)
     p.add_argument("--batch-size", type=_args.positive_int, default=None,
@@ -64,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entropy", action="store_true", help="mean per-sample unigram entropy (nats)")
     g.add_argument("--gen-ppl", action="store_true", help="generative perplexity under a judge LM")
     g.add_argument("--judge", default=None,
-                   help="judge LM: smollm2 (default, offline, `make judge`), a .gguf file, a folder, or a "
-                        "Hugging Face name such as gpt2-large (network)")
+                   help="judge LM: smollm2 (default, offline, `make judge`), a .gguf file, an esolm AR model "
+                        "(folder or checkpoint), a folder, or a Hugging Face name such as gpt2-large (network)")
     g.add_argument("--judge-context", type=_args.int_at_least(2), default=None,
                    help="judge window (default: min(max, 1024))")
     g.add_argument("--judge-batch-size", type=_args.positive_int, default=8)
