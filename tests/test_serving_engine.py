@@ -358,3 +358,35 @@ def test_check_ar_needs_a_start_token():
     assert Engine(tiny(adaln=False), AR, eos_id=5).check(CompletionRequest([], 4)).prompt_ids == [5]
     with pytest.raises(UserError, match="alpha0 applies to Eso-LM only"):
         Engine(tiny(adaln=False), AR).check(CompletionRequest([1], 4, alpha0=0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draw_segments_is_draw_per_segment(dtype):
+    """One batched draw over many requests' logits (mixed temperatures, nucleus thresholds and greedy rows,
+    segments of different lengths, tied logits) gives each segment draw's tokens with that segment's
+    generator alone, and leaves every generator where draw leaves it."""
+    from esolm.sampling.draw import draw, draw_segments
+
+    rng = torch.Generator().manual_seed(0)
+    counts = [3, 1, 4, 2, 5, 1, 3]
+    top_p = [None, 0.9, 0.5, None, 0.99, 0.3, 0.8]
+    temperature = [1.0, 0.7, 1.0, 1.6, 0.9, 1.0, 2.0]
+    greedy = [False, False, True, False, False, True, False]
+    for trial in range(4):
+        logits = (3 * torch.randn(sum(counts), 40, generator=rng)).round().to(dtype)  # many ties
+        if trial == 1:
+            greedy = [True] * len(counts)
+        if trial == 2:
+            greedy = [False] * len(counts)
+        if trial == 3:
+            top_p = [0.6] * len(counts)
+        gens = [torch.Generator().manual_seed(100 + j) for j in range(len(counts))]
+        got = draw_segments(logits, counts, 7, top_p, temperature, greedy, gens)
+        a = 0
+        for j, c in enumerate(counts):
+            alone = torch.Generator().manual_seed(100 + j)
+            want = draw(logits[a:a + c][None], 7, top_p[j], alone, greedy[j], temperature[j])[0]
+            assert torch.equal(got[a:a + c], want), (trial, j)
+            assert torch.equal(gens[j].get_state(), alone.get_state())
+            a += c
+        assert not (got == 7).any()

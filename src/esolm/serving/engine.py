@@ -18,9 +18,10 @@ KVCache` does. Active rows are kept in slots ``0..B-1`` (a leaving row's slot ge
 cache), so a call reads a view of the storage, never a copy. The model's frozen conditioning
 (:meth:`~esolm.model.backbone.DiT.frozen_conditioning`; Eso-LM conditions on sigma = 0, the same for every
 row) is computed once, when the engine is built, so the weights must not change while it serves.
-Each row draws with :func:`esolm.sampling.draw.draw` and its own generator on its own logits, so its
-tokens equal those of ``generate`` alone with the same arguments (the batched call's logits differ from
-the lone call's only by floating-point rounding).
+All rows draw in one :func:`esolm.sampling.draw.draw_segments` call, each from its own generator on its own
+logits exactly as :func:`~esolm.sampling.draw.draw` would, so its tokens equal those of ``generate`` alone
+with the same arguments (the batched call's logits differ from the lone call's only by floating-point
+rounding).
 
 **Eso-LM (A), MDLM and BD3-LM are served one request at a time**: a step runs a whole request through
 :func:`~esolm.sampling.api.generate` and emits its per-call events from the trace afterwards (cancel
@@ -50,7 +51,7 @@ from esolm.methods import as_method, check_temperature, check_top_p
 from esolm.model import masks
 from esolm.model.backbone import FrozenConditioning
 from esolm.sampling.api import check_integer, check_request, generate
-from esolm.sampling.draw import draw
+from esolm.sampling.draw import draw_segments
 from esolm.sampling.schedule import Plan, plan_binomial, plan_one_per_step, plan_strided
 
 Tensor = torch.Tensor
@@ -514,26 +515,41 @@ class Engine:
                 self._leave(row, "error", e)
             return
         self._counts["steps"] += 1
-        mask_id = self.model.config.mask_id
+        # each row's n_out[i] last logits, packed row after row: [sum(n_out), V]
+        if min(n_out) == m:
+            needed = logits.reshape(b * m, -1)
+        else:
+            at_row = [i for i, n in enumerate(n_out) for _ in range(n)]
+            at_pos = [u for n in n_out for u in range(m - n, m)]
+            needed = logits[torch.tensor(at_row, device=device), torch.tensor(at_pos, device=device)]
+        reqs = [r.pending.req for r in rows]
+        try:
+            drawn = draw_segments(needed, n_out, self.model.config.mask_id, [q.top_p for q in reqs],
+                                  [q.temperature for q in reqs], [q.greedy for q in reqs], [r.generator for r in rows])
+            at_slot = [r.slot for r, n in zip(rows, n_out) for _ in range(n)]
+            at_index = [j for r in rows for j in range(*r.bounds[r.k])]
+            self._tok[torch.tensor(at_slot, device=device), torch.tensor(at_index, device=device)] = drawn
+            drawn_list = drawn.tolist()
+        except Exception as e:
+            for row in list(rows):
+                self._leave(row, "error", e)
+            return
+        self._counts["nfe"] += b
+        self._counts["tokens"] += len(drawn_list)
         leaving: list[tuple[_Row, Exception | None]] = []
-        for i, row in enumerate(rows):
+        a = 0
+        for row in rows:
+            lo, hi = row.bounds[row.k]
+            new = drawn_list[a:a + hi - lo]
+            a += hi - lo
             try:
-                req = row.pending.req
-                lo, hi = row.bounds[row.k]
-                drawn = draw(logits[i:i + 1, m - (hi - lo):], mask_id, req.top_p, row.generator, req.greedy,
-                             req.temperature)
-                self._tok[row.slot, lo:hi] = drawn[0]
-                new = drawn[0].tolist()
                 positions = row.order_list[lo:hi]
-                if self.eos_id is not None:
-                    eos = [q for q, t in zip(positions, new) if t == self.eos_id]
-                    row.eos_at = min([row.eos_at, *eos])
+                if self.eos_id is not None and self.eos_id in new:
+                    row.eos_at = min(row.eos_at, *(q for q, t in zip(positions, new) if t == self.eos_id))
                 phase = "diffusion" if lo < row.diffusion_end else "sequential"
                 event = StepEvent(row.rid, row.k, positions, new, phase)
                 row.k += 1
                 row.start, row.decided = lo, hi
-                self._counts["nfe"] += 1
-                self._counts["tokens"] += hi - lo
                 err = self._emit(row.pending, event)
                 if err is not None:
                     raise err

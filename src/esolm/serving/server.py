@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +47,7 @@ from esolm.serving.engine import CompletionRequest, Finished, QueueFull, StepEve
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_CHOICES = 16  # most choices (n) per request; also at most the engine's queue
+_json = json.JSONEncoder(check_circular=False).encode  # json.dumps' output, without the cycle check
 MAX_STOP = 4  # most stop strings, as OpenAI
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
@@ -92,28 +94,57 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-class _Job:
-    """The engine requests of one HTTP request: their ids, and a queue that the engine thread feeds
-    ``(choice index, StepEvent | Finished)`` into through the event loop."""
+class _Relay:
+    """Hands engine events to one event loop in batches (one loop callback per batch, not per event): the
+    engine thread appends ``(job, choice index, event)``; the append that finds the batch empty schedules a
+    delivery, which gives every event batched by then to its job, in order."""
 
-    def __init__(self, engine, steps_wanted: bool):
-        self.engine = engine
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.steps_wanted = steps_wanted
-        self.ids: list[int] = []
-        self.finished: set[int] = set()  # choice indices
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._batch: list[tuple[_Job, int, StepEvent | Finished]] = []
 
-    def callback(self, index: int):
-        def on_event(event) -> None:  # runs on the engine thread
-            if isinstance(event, StepEvent) and not self.steps_wanted:
-                return
+    def put(self, job: _Job, index: int, event: StepEvent | Finished) -> None:  # on the engine thread
+        with self._lock:
+            first = not self._batch
+            self._batch.append((job, index, event))
+        if first:
             try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+                self.loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
 
+    def _deliver(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, []
+        for job, index, event in batch:
+            job.push(index, event)
+
+
+class _Job:
+    """The engine requests of one HTTP request: their ids, and the ``(choice index, StepEvent | Finished)``
+    that the engine thread hands over through ``relay``, waiting to be read."""
+
+    def __init__(self, engine, relay: _Relay, steps_wanted: bool):
+        self.engine = engine
+        self.relay = relay
+        self.steps_wanted = steps_wanted
+        self.ids: list[int] = []
+        self.finished: set[int] = set()  # choice indices
+        self._items: list[tuple[int, StepEvent | Finished]] = []
+        self._waiter: asyncio.Future | None = None
+
+    def callback(self, index: int):
+        def on_event(event) -> None:  # runs on the engine thread
+            if self.steps_wanted or not isinstance(event, StepEvent):
+                self.relay.put(self, index, event)
+
         return on_event
+
+    def push(self, index: int, event: StepEvent | Finished) -> None:  # on the event loop
+        self._items.append((index, event))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def submit(self, requests: list[CompletionRequest]) -> None:
         """Queue every choice, or none (QueueFull: the ones already queued are cancelled)."""
@@ -131,26 +162,23 @@ class _Job:
                 self.finished.add(i)
                 self.engine.cancel(rid)
 
-    async def events(self, request: Request) -> AsyncIterator[tuple[int, StepEvent | Finished]]:
-        """The events of all choices in arrival order, until each has finished; stops early (cancelling the
-        rest) when the client disconnects."""
-        getter: asyncio.Future | None = None
+    async def batches(self, request: Request) -> AsyncIterator[list[tuple[int, StepEvent | Finished]]]:
+        """The events of all choices in arrival order, as lists of all those arrived by then, until each
+        choice has finished; stops early (cancelling the rest) when the client disconnects."""
         try:
             while len(self.finished) < len(self.ids):
-                getter = getter or asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)  # (never loses an item)
-                if not done:
-                    if await request.is_disconnected():
+                while not self._items:
+                    self._waiter = self.relay.loop.create_future()
+                    done, _ = await asyncio.wait({self._waiter}, timeout=DISCONNECT_POLL_S)
+                    self._waiter = None
+                    if not done and await request.is_disconnected():
                         return
-                    continue
-                index, event = getter.result()
-                getter = None
-                if isinstance(event, Finished):
-                    self.finished.add(index)
-                yield index, event
+                batch, self._items = self._items, []
+                for index, event in batch:
+                    if isinstance(event, Finished):
+                        self.finished.add(index)
+                yield batch
         finally:
-            if getter is not None:
-                getter.cancel()
             self.cancel()
 
 
@@ -194,8 +222,20 @@ def create_app(engine, *, model_name: str, tokenizer) -> FastAPI:
     async def _http_error(request: Request, exc: HTTPException):
         return ApiError(exc.status_code, str(exc.detail), code=str(exc.status_code)).response()
 
+    texts: dict[int, str] = {}  # token id -> its text alone (filled as tokens first appear; event loop only)
+    relays: list[_Relay] = []  # the relay of the running event loop
+
     def decode_one(token: int) -> str:
-        return tokenizer.decode([token], skip_special_tokens=False)
+        text = texts.get(token)
+        if text is None:
+            text = texts[token] = tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def relay() -> _Relay:
+        loop = asyncio.get_running_loop()
+        if not relays or relays[0].loop is not loop:
+            relays[:] = [_Relay(loop)]
+        return relays[0]
 
     def envelope(cid: str, index: int, text: str, finish_reason: str | None, esolm: dict) -> dict:
         return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -271,7 +311,7 @@ def create_app(engine, *, model_name: str, tokenizer) -> FastAPI:
             requests, stop = parse(body)
         except EsoLMError as e:
             raise ApiError(400, _one_line(e)) from None
-        job = _Job(engine, steps_wanted=body.stream)
+        job = _Job(engine, relay(), steps_wanted=body.stream)
         try:
             job.submit(requests)
         except QueueFull as e:
@@ -284,8 +324,8 @@ def create_app(engine, *, model_name: str, tokenizer) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(job.cancel))
         results: dict[int, Finished] = {}
-        async for index, event in job.events(request):
-            results[index] = event
+        async for batch in job.batches(request):
+            results.update(batch)
         if len(results) < len(requests):  # the client left
             return JSONResponse({}, status_code=499)
         choices, completion_tokens = [], 0
@@ -303,28 +343,36 @@ def create_app(engine, *, model_name: str, tokenizer) -> FastAPI:
     async def _stream(job: _Job, request: Request, cid: str, requests: list[CompletionRequest],
                       stop: list[str]) -> AsyncIterator[str]:
         def sse(obj) -> str:
-            return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+            return f"data: {obj if isinstance(obj, str) else _json(obj)}\n\n"
 
         prompt = requests[0].prompt_ids
         prompt_texts = [decode_one(t) for t in prompt]
-        for i, req in enumerate(requests):
-            yield sse(envelope(cid, i, "", None, {
-                "event": "start", "index": i, "prompt_tokens": prompt_texts, "prompt_length": len(prompt),
-                "length": len(prompt) + req.max_tokens}))
-        async for index, event in job.events(request):
-            if isinstance(event, StepEvent):
-                yield sse(envelope(cid, index, "", None, {
-                    "event": "step", "index": index, "step": event.step, "phase": event.phase,
-                    "positions": list(event.positions), "tokens": list(event.tokens),
-                    "token_texts": [decode_one(t) for t in event.tokens], "nfe": event.step + 1}))
-                continue
-            try:
-                text, reason = finish(event, stop)
-            except ApiError as e:
-                job.cancel()
-                yield sse({"error": {"message": e.message, "type": e.type, "code": e.code, "param": None}})
+        yield "".join(sse(envelope(cid, i, "", None, {
+            "event": "start", "index": i, "prompt_tokens": prompt_texts, "prompt_length": len(prompt),
+            "length": len(prompt) + req.max_tokens})) for i, req in enumerate(requests))
+        failed = False
+        async for batch in job.batches(request):  # every event arrived by now, written as one chunk
+            chunk = []
+            for index, event in batch:
+                if isinstance(event, StepEvent):
+                    chunk.append(sse(envelope(cid, index, "", None, {
+                        "event": "step", "index": index, "step": event.step, "phase": event.phase,
+                        "positions": event.positions, "tokens": event.tokens,
+                        "token_texts": [decode_one(t) for t in event.tokens], "nfe": event.step + 1})))
+                    continue
+                try:
+                    text, reason = finish(event, stop)
+                except ApiError as e:
+                    job.cancel()
+                    chunk.append(sse({"error": {"message": e.message, "type": e.type, "code": e.code,
+                                                "param": None}}))
+                    failed = True
+                    break
+                chunk.append(sse(envelope(cid, index, text, reason, {"event": "done", "index": index,
+                                                                     **done_info(event)})))
+            yield "".join(chunk)
+            if failed:
                 break
-            yield sse(envelope(cid, index, text, reason, {"event": "done", "index": index, **done_info(event)}))
         yield sse("[DONE]")
 
     @app.get("/v1/models")
