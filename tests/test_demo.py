@@ -27,6 +27,9 @@ def test_demo_end_to_end(tmp_path):
     for name in saved["plots"]:
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("identical tokens: True" in line for line in lines)
+    # then the shipped, trained model decodes, with no training here
+    assert saved["shipped"]["model"] == "esolm-small" and len(saved["shipped"]["texts"]) == 2
+    assert saved["shipped"]["nfe"] > 0 and "esolm-small sample 1" in (tmp_path / "out" / "samples.txt").read_text()
 
 
 def test_demo_rejects_bad_overrides(tmp_path, capsys):

@@ -6,7 +6,9 @@
 4. times KV-cached sampling against *uncached* sampling of the same network and the same schedule (a full
    forward pass over the sequence at every step: the cost a plain masked-diffusion sampler pays) and
    checks that both produce the same tokens;
-5. writes ``OUT/`` (``results.json``, ``samples.txt``, ``training_curve.png``, ``sampling_speed.png``).
+5. samples the model shipped with the package (``esolm-small``: character level, trained by ``esolm train``
+   for about an hour of CPU), so a newcomer sees what a *trained* Eso-LM (B) decodes;
+6. writes ``OUT/`` (``results.json``, ``samples.txt``, ``training_curve.png``, ``sampling_speed.png``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from esolm.recipes import resolve
 from esolm.sampling.esolm import sample_esolm_b
 from esolm.sampling.schedule import plan_one_per_step
 from esolm.training import train
+
+SHIPPED = "esolm-small"
 
 
 def _val_texts(cfg) -> list[str]:
@@ -119,6 +123,26 @@ def _plots(out: Path, curve, speed: list[dict]) -> list[str]:
     return files
 
 
+def shipped_samples(num_samples: int, *, seed: int = 0, log=print) -> dict:
+    """Samples of the model shipped with the package (trained by ``esolm train`` for about an hour of CPU):
+    what KV-cached Eso-LM (B) decoding produces from a trained model, with no training here."""
+    from esolm.sampling import generate
+
+    loaded = load_model(SHIPPED, require_tokenizer=True)
+    model, method, tok = loaded.model, loaded.method, loaded.tokenizer
+    length = model.config.length
+    log(f"[5/5] {num_samples} samples of the shipped model {SHIPPED} ({tok.name} tokenizer, "
+        f"{model.config.n_layers}x{model.config.hidden_size}, L={length}, alpha0={method.alpha0}), KV-cached, "
+        f"T={length} steps, top-p 0.9")
+    gen_out = generate(model, method, num_samples=num_samples, steps=length, top_p=0.9, seed=seed,
+                       bos_id=tok.bos_id, prompt_ids=[tok.bos_id])
+    texts = tok.decode_batch(gen_out.sequences())
+    for i, t in enumerate(texts):
+        log(f"  --- {SHIPPED} sample {i} ---\n  {t.strip()}")
+    log(f"      NFE {gen_out.nfe} for {length} tokens, {gen_out.seconds:.2f} s")
+    return {"model": SHIPPED, "nfe": gen_out.nfe, "seconds": round(gen_out.seconds, 3), "texts": texts}
+
+
 def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes: float = 4.0,
              overrides: tuple[str, ...] = (), num_samples: int = 4, iw_ks=(1, 4, 16), eval_batches: int = 8,
              seed: int = 0, log=print) -> dict:
@@ -126,7 +150,7 @@ def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes:
     cfg = resolve("cpu-small", [f"trainer.out_dir={run}", f"trainer.max_time={minutes * 60:.0f}",
                                 "trainer.resume=none", "trainer.val_every=150", "trainer.ckpt_every=150",
                                 "trainer.val_batches=16", "trainer.log_every=10", *overrides])
-    log(f"[1/4] training Eso-LM (B) alpha0={cfg.method.alpha0} on the embedded corpus for "
+    log(f"[1/5] training Eso-LM (B) alpha0={cfg.method.alpha0} on the embedded corpus for "
         f"{minutes:g} min (preset cpu-small: {cfg.model.n_layers}x{cfg.model.hidden_size}, L={cfg.data.length})")
     t0 = time.perf_counter()
     train(cfg)
@@ -135,7 +159,7 @@ def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes:
     model, method, tok = loaded.model, loaded.method, loaded.tokenizer
     torch.manual_seed(seed)
 
-    log(f"[2/4] validation NELBO and importance-weighted bound, K in {list(iw_ks)}")
+    log(f"[2/5] validation NELBO and importance-weighted bound, K in {list(iw_ks)}")
     ids, valid = token_dataset(_val_texts(cfg), tok, cfg.data.length, cfg.data.mode)
     res = evaluate(model, method, ids, valid, dataset="wiki/validation", batch_size=16, iw_ks=iw_ks,
                    seed=seed, max_batches=eval_batches)
@@ -143,7 +167,7 @@ def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes:
     for k, v in res.iw.items():
         log(f"      IW bound K={k:<3d} perplexity <= {v['perplexity']:.2f}")
 
-    log(f"[3/4] {num_samples} samples, KV-cached Eso-LM (B), T={cfg.data.length} steps, top-p 0.9")
+    log(f"[3/5] {num_samples} samples, KV-cached Eso-LM (B), T={cfg.data.length} steps, top-p 0.9")
     from esolm.sampling import generate
 
     gen_out = generate(model, method, num_samples=num_samples, steps=cfg.data.length, top_p=0.9, seed=seed,
@@ -153,20 +177,23 @@ def run_demo(out_dir: str = "results/demo", run_dir: str = "runs/demo", minutes:
         log(f"  --- sample {i} ---\n  {t.strip()[:400]}")
     log(f"      NFE {gen_out.nfe} for {cfg.data.length} tokens, {gen_out.seconds:.2f} s")
 
-    log("[4/4] KV-cached vs uncached sampling of the same network and schedule (one token per step)")
+    log("[4/5] KV-cached vs uncached sampling of the same network and schedule (one token per step)")
     speed = sampling_speed(model, tok.mask_id, cfg.data.length, seed=seed)
     for r in speed:
         log(f"      alpha0={r['alpha0']}: NFE {r['nfe']}, cached {r['cached_seconds']:.3f} s, uncached "
             f"{r['uncached_seconds']:.3f} s -> {r['speedup']:.1f}x faster, identical tokens: {r['same_tokens']}")
+
+    shipped = shipped_samples(num_samples, seed=seed, log=log)
 
     out.mkdir(parents=True, exist_ok=True)
     results = {"preset": "cpu-small", "method": method.to_dict(), "train_seconds": round(train_s, 1),
                "final_metrics": json.loads((run / "final_metrics.json").read_text()),
                "eval": res.to_dict(), "samples": {"nfe": gen_out.nfe, "seconds": round(gen_out.seconds, 3),
                                                   "texts": texts},
-               "sampling_speed": speed}
+               "sampling_speed": speed, "shipped": shipped}
     results["plots"] = _plots(out, _training_curve(run), speed)
     atomic_json(out / "results.json", results)
-    atomic_write(out / "samples.txt", "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n")
+    atomic_write(out / "samples.txt", "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n"
+                 + "".join(f"\n--- {SHIPPED} sample {i} ---\n{t}\n" for i, t in enumerate(shipped["texts"])))
     log(f"results written to {out}/ (results.json, samples.txt, {', '.join(results['plots'])})")
     return results

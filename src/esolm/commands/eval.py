@@ -18,7 +18,8 @@ from esolm.evaluation.datasets import ZERO_SHOT_SUITE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a save_pretrained folder, a training checkpoint, or a Hugging Face repo id")
+    p.add_argument("model", help="a save_pretrained folder, a training checkpoint, a shipped model (esolm-small) "
+                                 "or a Hugging Face repo id")
     p.add_argument("--data", default=None,
                    help="data source: wiki (embedded corpus), a .txt/.jsonl path, or a corpus name "
                         "(openwebtext, lm1b, wikitext2, ...; network); default: the model's training source")

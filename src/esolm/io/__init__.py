@@ -21,6 +21,7 @@ from esolm.io.pretrained import (
     load_model,
     load_pretrained,
     save_pretrained,
+    shipped_models,
 )
 from esolm.io.safe_pickle import InertObject, read_checkpoint
 from esolm.io.weights import build_model, check_config, layout, parameter_count
@@ -29,5 +30,6 @@ __all__ = [
     "CheckpointError", "LoadedModel", "load_model", "load_pretrained", "save_pretrained", "read_checkpoint",
     "InertObject", "config_from_authors", "method_from_authors", "config_from_hf", "method_from_hf",
     "load_authors_state_dict", "build_model", "check_config", "layout", "parameter_count", "is_repo_id",
+    "shipped_models",
     "atomic_write", "atomic_json", "atomic_writer", "atomic_dir", "check_writable",
 ]

@@ -55,6 +55,7 @@ CONFIG_NAME = "config.json"
 RECIPE_NAME = "training_config.yaml"
 FORMAT = "esolm"
 FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yaml", ".yml", ".pkl", ".pickle",
                   ".tar", ".zip", ".gz", ".npz", ".npy", ".txt"}
@@ -111,14 +112,27 @@ def _download(repo_id: str, revision: str | None, cache_dir: Any, local_files_on
         ) from None
 
 
+def shipped_models() -> dict[str, Path]:
+    """Models installed with the package (``esolm/pretrained/NAME/``, esolm folders with their recipe and
+    metrics), loadable by name: ``load_model("esolm-small")``."""
+    if not SHIPPED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED_DIR.iterdir()) if (p / CONFIG_NAME).is_file()}
+
+
 def _resolve(path_or_repo: str | os.PathLike, revision: str | None, cache_dir: Any, local_files_only: bool) -> Path:
+    """A local path wins, then a shipped model's name, then a Hugging Face repo id."""
     path = Path(path_or_repo)
     if path.exists():
         return path
     text = str(path_or_repo)
+    shipped = shipped_models()
+    if text in shipped:
+        return shipped[text]
     if is_repo_id(text):
         return _download(text, revision, cache_dir, local_files_only)
-    raise CheckpointError(f"{text} does not exist (no such file or folder)")
+    names = f" (shipped models: {', '.join(shipped)})" if shipped else ""
+    raise CheckpointError(f"{text} does not exist (no such file or folder){names}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,8 +428,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a model in any format esolm reads (see the module docstring) as a :class:`LoadedModel`.
 
-    ``path_or_repo``: a file, a folder, a ``model.safetensors`` inside a folder, or a Hugging Face repo
-    id ``owner/name`` (a local path always wins). ``tokenizer``: a name, a saved folder or a Tokenizer
+    ``path_or_repo``: a file, a folder, a ``model.safetensors`` inside a folder, the name of a model shipped
+    with the package (``esolm-small``, :func:`shipped_models`) or a Hugging Face repo id ``owner/name`` (a
+    local path always wins). ``tokenizer``: a name, a saved folder or a Tokenizer
     (default: the one saved with the model; ``require_tokenizer`` makes its absence an error).
     ``config`` overrides the stored architecture (ModelConfig, its dict, or an authors' Hydra dict);
     ``use_ema`` picks the EMA weights of checkpoints that have them; ``mask_index`` overrides the
