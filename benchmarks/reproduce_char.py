@@ -186,7 +186,7 @@ def bd3_steps(steps: str, block: int) -> str:
 
 
 def frontier(args, out: Path, names: list[str]) -> dict | None:
-    from esolm.evaluation.frontier import FrontierPoint, write_outputs
+    from esolm.evaluation.frontier import merge_parts
 
     fdir = out / "frontier"
     res = read_json(fdir / "frontier.json")
@@ -209,18 +209,8 @@ def frontier(args, out: Path, names: list[str]) -> dict | None:
             shutil.rmtree(part, ignore_errors=True)
             os.replace(tmp, part)
         parts.append(read_json(part / "frontier.json"))
-    points = [FrontierPoint(**pt) for p in parts for pt in p["points"]]
-    meta = {k: v for k, v in parts[0].items() if k != "points"}
-    meta["models"] = {k: v for p in parts for k, v in p["models"].items()}
-    meta["steps"] = args.frontier_steps
-    meta["bd3lm_steps_per_block"] = {n: bd3_steps(args.frontier_steps, int(n.split("-")[1]))
-                                     for n in names if n.startswith("bd3lm")}
-    tmp = out / ".frontier.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_outputs(points, tmp, meta)
-    shutil.rmtree(fdir, ignore_errors=True)
-    os.replace(tmp, fdir)
-    return read_json(fdir / "frontier.json")
+    per_block = {n: bd3_steps(args.frontier_steps, int(n.split("-")[1])) for n in names if n.startswith("bd3lm")}
+    return merge_parts(parts, fdir, steps=args.frontier_steps, bd3lm_steps_per_block=per_block)
 
 
 # -- report ------------------------------------------------------------------------------------------------------

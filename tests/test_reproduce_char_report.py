@@ -55,3 +55,26 @@ def test_ordering_and_iw_statements(rc, tmp_path):
 def test_bd3_steps_keep_the_total(rc):
     assert rc.bd3_steps("16,32,64,128", 16) == "2,4,8,16"
     assert rc.bd3_steps("16,32,64,128", 4) == "1,2,4"
+
+
+def test_merge_parts_joins_runs_and_replaces_the_folder(tmp_path):
+    from esolm.evaluation.frontier import merge_parts
+
+    def point(label, method, steps, ppl):
+        return {"label": label, "description": label, "method": method, "train_alpha0": None, "alpha0": None,
+                "steps": steps, "num_samples": 4, "nfe": steps or 7, "seconds": 1.0, "seconds_per_sample": 0.25,
+                "gen_ppl": ppl, "mauve": None, "entropy": 2.0}
+
+    a = {"num_samples": 4, "top_p": 0.9, "judge": "j", "models": {"ar": "x"}, "points": [point("ar", "ar", None, 9.0)]}
+    b = {"num_samples": 4, "top_p": 0.9, "judge": "j", "models": {"bd3lm-4": "y"},
+         "points": [point("bd3lm-4", "bd3lm", 1, 20.0), point("bd3lm-4", "bd3lm", 2, 15.0)]}
+    out = tmp_path / "frontier"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    merged = merge_parts([a, b], out, steps="4,8", bd3lm_steps_per_block={"bd3lm-4": "1,2"})
+    assert [p["label"] for p in merged["points"]] == ["ar", "bd3lm-4", "bd3lm-4"]
+    assert merged["models"] == {"ar": "x", "bd3lm-4": "y"} and merged["steps"] == "4,8"
+    assert sorted(f.name for f in out.iterdir()) == ["frontier.csv", "frontier.json", "frontier.md",
+                                                    "frontier_gen_ppl.png"]
+    with pytest.raises(ValueError):
+        merge_parts([], out)

@@ -23,6 +23,8 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -200,3 +202,23 @@ def write_outputs(points: list[FrontierPoint], out: Path, meta: dict) -> dict[st
         if f is not None:
             files[f.name] = f
     return files
+
+
+def merge_parts(parts: list[dict], out: Path, **meta) -> dict:
+    """One set of outputs (:func:`write_outputs`) in the folder ``out`` from the ``frontier.json`` of several
+    runs (e.g. BD3-LM, whose steps count per block, run apart from the others): their points and models
+    together, the first part's settings, then ``meta``. ``out`` is replaced as a whole, by one rename of a
+    folder assembled beside it; returns the merged ``frontier.json``."""
+    if not parts:
+        raise ValueError("merge_parts needs at least one frontier.json")
+    points = [FrontierPoint(**pt) for p in parts for pt in p["points"]]
+    merged = {k: v for k, v in parts[0].items() if k != "points"}
+    merged["models"] = {k: v for p in parts for k, v in p["models"].items()}
+    merged.update(meta)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_outputs(points, tmp, merged)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return json.loads((out / "frontier.json").read_text())
