@@ -45,6 +45,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from esolm.io import atomic_json
+
 ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
 
@@ -73,11 +75,7 @@ def log(msg: str) -> None:
         print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
 
 
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+write_json = atomic_json  # every result file is written atomically
 
 
 def read_json(path: Path):

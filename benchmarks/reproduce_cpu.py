@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from esolm.io import atomic_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (method overrides, description); the paper's ordering is AR < a0=0.125 < 0.25 < 0.5 < 1 (~ MDLM).
@@ -64,11 +66,7 @@ def log(msg: str) -> None:
     print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
 
 
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+write_json = atomic_json  # every result file is written atomically
 
 
 def read_json(path: Path):
