@@ -84,8 +84,9 @@ def test_ignore_bos_sampling_gives_position_0():
     model = tiny_model()
     out = generate(model, METHOD, num_samples=3, bos_id=5, seed=0, trace=True)
     assert (out.tokens[:, 0] == 5).all() and not (out.tokens == MASK).any()
-    decoded = torch.cat(out.trace[0])  # ancestral steps: (row, position) pairs
-    assert len(decoded) == 3 * (N - 1) and 0 not in decoded[:, 1].tolist()  # position 0 is never decoded
+    decoded = [p for s in out.trace[0] for b in range(3) for p in s.row(b)]  # ancestral: rows differ per step
+    assert len(decoded) == 3 * (N - 1) and 0 not in decoded  # position 0 is never decoded
+    assert {s.phase for s in out.trace[0]} == {"diffusion"}
     with_prompt = generate(model, METHOD, num_samples=2, prompt_ids=[7, 8], seed=0)
     assert (with_prompt.tokens[:, :2] == torch.tensor([7, 8])).all()
     with pytest.raises(ValueError, match="ignore_bos"):

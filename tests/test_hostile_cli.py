@@ -21,7 +21,6 @@ from esolm.data.tokenizers import Tokenizer, train_bpe
 from esolm.devices import resolve_device
 from esolm.errors import EsoLMError, UserError
 from esolm.evaluation import perplexity, samples
-from esolm.evaluation.samples import encode_prompt
 from esolm.io import save_pretrained
 from esolm.methods import model_config_for
 from esolm.model.backbone import DiT
@@ -88,7 +87,7 @@ def test_non_utf8_prompt(ws, capsys):
     rc, _, err = run_cli(["sample", ws["eso"], "--prompt", prompt, "--out", ws["root"] / "x.jsonl"], capsys)
     assert_one_line(rc, err, "sample", "not valid UTF-8", "0xff")
     with pytest.raises(UserError, match="not valid UTF-8"):  # the library boundary says the same
-        encode_prompt(ws["tok"], prompt)
+        ws["tok"].encode_prompt(prompt)
 
 
 def test_empty_prompt(ws, capsys):
@@ -110,7 +109,7 @@ def test_special_token_text_in_a_prompt_is_plain_text(ws, tmp_path, capsys, name
     and the samples keep that text verbatim."""
     tok = ws["tok"]
     prompt = "the <|mask|> king <|endoftext|>"
-    ids = encode_prompt(tok, prompt)
+    ids = tok.encode_prompt(prompt)
     assert ids[0] == tok.bos_id and tok.mask_id not in ids and tok.eos_id not in ids[1:]
     assert tok.decode(ids) == prompt
     assert tok.mask_id in tok.encode(prompt)  # plain encode() would have produced the mask id
@@ -133,9 +132,9 @@ def test_prompt_that_can_only_encode_to_the_mask_is_refused():
     backend = HFTok(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = Tokenizer(backend, "words", mask_id=1, eos_id=0, bos_id=0)
-    assert encode_prompt(tok, "the king") == [0, 2, 3]
+    assert tok.encode_prompt("the king") == [0, 2, 3]
     with pytest.raises(UserError, match="mask token"):
-        encode_prompt(tok, "the MASK king")
+        tok.encode_prompt("the MASK king")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def test_strided_plan_is_seeded():
     x, y = generate(model, method, seed=3, **kw), generate(model, method, seed=3, **kw)
     assert torch.equal(x.tokens, y.tokens) and x.nfe == 10 and not (x.tokens == M).any()
     for row in range(3):
-        assert sorted(torch.cat([s[row] for s in x.trace[0]]).tolist()) == list(range(L))
+        assert sorted(p for s in x.trace[0] for p in s.row(row)) == list(range(L))
 
 
 @pytest.mark.parametrize("variant", ["A", "B"])
@@ -218,9 +218,12 @@ def test_esolm_nfe_equals_plan_and_trace_covers_every_position():
                          torch.Generator().manual_seed(7))
     assert out.nfe == plan.nfe
     steps = out.trace[0]
-    assert [s.shape[1] for s in steps] == plan.counts
+    assert [s.positions.shape[1] for s in steps] == plan.counts
+    assert [s.call for s in steps] == list(range(plan.nfe))
+    assert [s.phase for s in steps] == [plan.phase(lo) for lo, _ in plan.bounds()]  # typed, from the plan
+    assert "sequential" in {s.phase for s in steps} and "diffusion" in {s.phase for s in steps}
     for b in range(2):
-        assert sorted(torch.cat([s[b] for s in steps]).tolist()) == list(range(2, L))
+        assert sorted(p for s in steps for p in s.row(b)) == list(range(2, L))
 
 
 def test_mdlm_reuses_p_x0_when_nothing_changes():

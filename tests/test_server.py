@@ -22,7 +22,6 @@ import uvicorn
 
 from esolm.cli import main
 from esolm.data.tokenizers import train_bpe
-from esolm.evaluation.samples import encode_prompt
 from esolm.io import save_pretrained
 from esolm.methods import as_method, model_config_for
 from esolm.model.backbone import DiT
@@ -89,7 +88,7 @@ def ar_server(tok):
 
 def alone(model, method, tok, prompt, max_tokens, seed=0, **kw) -> str:
     """The completion text ``esolm.generate`` decodes for this request alone."""
-    ids = encode_prompt(tok, prompt) if prompt else [tok.bos_id]
+    ids = tok.encode_prompt(prompt) if prompt else [tok.bos_id]
     p = len(ids)
     out = generate(model, method, prompt_ids=[ids], max_length=p + max_tokens, seed=seed, eos_id=tok.eos_id, **kw)
     return tok.decode(out.sequences()[0][p:])
@@ -135,10 +134,10 @@ def test_completion_is_generate_alone(esolm_server, tok):
     choice = out["choices"][0]
     assert choice["text"] == alone(model, ESOLM, tok, "the cat sat", 12, seed=5, top_p=0.9, temperature=0.8)
     assert choice["finish_reason"] in ("stop", "length") and choice["esolm"]["nfe"] >= 1
-    p = len(encode_prompt(tok, "the cat sat"))
+    p = len(tok.encode_prompt("the cat sat"))
     assert out["usage"]["prompt_tokens"] == p
     assert out["usage"]["total_tokens"] == p + out["usage"]["completion_tokens"]
-    ids = encode_prompt(tok, "the cat sat")
+    ids = tok.encode_prompt("the cat sat")
     seq = generate(model, ESOLM, prompt_ids=[ids], max_length=p + 12, seed=5, top_p=0.9, temperature=0.8,
                    eos_id=tok.eos_id).sequences()[0]
     assert out["usage"]["completion_tokens"] == len(seq) - p  # up to and including the first EOS
@@ -150,7 +149,7 @@ def test_stream_steps_partition_the_completion(esolm_server, tok):
     events = stream_events(url, body)
     assert events[-1] == "[DONE]"
     start, steps, done = events[0], events[1:-2], events[-2]
-    p = len(encode_prompt(tok, "green hills"))
+    p = len(tok.encode_prompt("green hills"))
     assert start["esolm"]["event"] == "start" and start["esolm"]["prompt_length"] == p
     assert start["esolm"]["length"] == p + 20 and len(start["esolm"]["prompt_tokens"]) == p
     assert [e["esolm"]["event"] for e in steps] == ["step"] * len(steps)
@@ -205,7 +204,7 @@ def test_n_choices_use_consecutive_seeds(esolm_server, tok):
 def test_infill_text_is_given_at_its_completion_positions(esolm_server, tok):
     url, _, model = esolm_server
     body = {"prompt": "the cat", "max_tokens": 16, "seed": 9, "infill": {"5": " green hills"}}
-    p = len(encode_prompt(tok, "the cat"))
+    p = len(tok.encode_prompt("the cat"))
     given = {p + 5 + j: t for j, t in enumerate(tok.encode(" green hills"))}
     text = post(url, body).json()["choices"][0]["text"]
     assert " green hills" in text
@@ -249,7 +248,6 @@ def test_stop_strings_cut_the_text(esolm_server):
     ({"n": 17}, 400, None),
     ({"top_p": 0.0}, 400, None),
     ({"top_p": 1.5}, 400, None),
-    ({"temperature": 0.0}, 400, None),
     ({"temperature": -1.0}, 400, None),
     ({"schedule": "sideways"}, 400, None),
     ({"alpha0": 1.5}, 400, None),

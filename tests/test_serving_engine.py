@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from esolm import DiT, EsoLMError, ModelConfig, UserError
-from esolm.sampling.api import generate
+from esolm.sampling.api import generate, sampling_params
 from esolm.serving import CompletionRequest, Engine, Finished, QueueFull, StepEvent
 
 V, M, L = 17, 16, 16
@@ -58,13 +58,18 @@ class Collector:
         return self.events[rid][-1][0]
 
 
+def R(prompt_ids, max_tokens, infill=None, schedule=None, greedy=False, **knobs) -> CompletionRequest:
+    """A request with its sampling knobs (``schedule``: the sampler, as the HTTP field is named)."""
+    if schedule is not None:
+        knobs["sampler"] = schedule
+    return CompletionRequest(prompt_ids, max_tokens, sampling_params(None, greedy, **knobs), infill)
+
+
 def reference(engine: Engine, req: CompletionRequest):
     """``generate`` alone for ``req`` (the prompt as the engine completed it: a BOS for an empty AR prompt)."""
     prompt = engine.check(req).prompt_ids
     return generate(engine.model, engine.method, prompt_ids=[prompt], max_length=len(prompt) + req.max_tokens,
-                    steps=req.steps, alpha0=req.alpha0, top_p=req.top_p, temperature=req.temperature, seed=req.seed,
-                    sampler=req.schedule, eos_id=engine.eos_id, infill=req.infill, greedy=req.greedy,
-                    bos_id=engine.bos_id), len(prompt)
+                    params=req.params, eos_id=engine.eos_id, infill=req.infill, bos_id=engine.bos_id), len(prompt)
 
 
 def assert_alone(engine: Engine, col: Collector, reqs: dict[int, CompletionRequest]) -> int:
@@ -115,14 +120,14 @@ def staggered(engine: Engine, col: Collector, reqs: list[CompletionRequest], wav
 
 
 ESOLM_MIX = [
-    CompletionRequest([1, 2, 3], 10, seed=1, alpha0=1.0, steps=4),
-    CompletionRequest([], 16, seed=2, alpha0=0.5, top_p=0.8),
-    CompletionRequest([5], 9, seed=3, alpha0=0.25, schedule="first_hitting", temperature=0.6),
-    CompletionRequest([4, 4, 4, 4, 4], 11, seed=4, alpha0=0.0),
-    CompletionRequest([2, 2], 12, seed=5, alpha0=0.5, schedule="strided", steps=3, infill={6: 7, 9: 1}),
-    CompletionRequest([9, 8, 7, 6], 7, seed=6, steps=2, temperature=1.5, top_p=0.95),
-    CompletionRequest([3], 15, seed=7, alpha0=0.5, greedy=True),
-    CompletionRequest([1], 6, seed=8, alpha0=1.0, schedule="strided", steps=2),
+    R([1, 2, 3], 10, seed=1, alpha0=1.0, steps=4),
+    R([], 16, seed=2, alpha0=0.5, top_p=0.8),
+    R([5], 9, seed=3, alpha0=0.25, schedule="first_hitting", temperature=0.6),
+    R([4, 4, 4, 4, 4], 11, seed=4, alpha0=0.0),
+    R([2, 2], 12, seed=5, alpha0=0.5, schedule="strided", steps=3, infill={6: 7, 9: 1}),
+    R([9, 8, 7, 6], 7, seed=6, steps=2, temperature=1.5, top_p=0.95),
+    R([3], 15, seed=7, alpha0=0.5, greedy=True),
+    R([1], 6, seed=8, alpha0=1.0, schedule="strided", steps=2),
 ]
 
 
@@ -145,9 +150,9 @@ def test_esolm_b_batched_equals_generate_alone(eos_id):
 
 def test_ar_batched_equals_generate_alone_with_eos_exit():
     model = tiny(adaln=False)
-    reqs = [CompletionRequest([1, 2, 3], 12, seed=1), CompletionRequest([], 15, seed=2, top_p=0.9),
-            CompletionRequest([5], 9, seed=3, temperature=0.7), CompletionRequest([4] * 6, 10, seed=4),
-            CompletionRequest([2, 9], 13, seed=5, temperature=1.3, top_p=0.85), CompletionRequest([7], 8, seed=6)]
+    reqs = [R([1, 2, 3], 12, seed=1), R([], 15, seed=2, top_p=0.9),
+            R([5], 9, seed=3, temperature=0.7), R([4] * 6, 10, seed=4),
+            R([2, 9], 13, seed=5, temperature=1.3, top_p=0.85), R([7], 8, seed=6)]
     plain = Engine(model, AR, bos_id=0)
     # an EOS that request 0 draws early (generate's tokens before the first EOS do not depend on eos_id)
     eos = reference(plain, reqs[0])[0].tokens[0, 4].item()
@@ -168,10 +173,11 @@ def test_float32_batched_equals_generate_alone(adaln):
     method = ESOLM_B if adaln else AR
     engine = Engine(tiny(adaln, torch.float32), method, max_batch=2, bos_id=0)
     col = Collector()
-    mix = [CompletionRequest([1, 2], 12, seed=11, top_p=0.9), CompletionRequest([], 14, seed=12, temperature=0.8),
-           CompletionRequest([6, 6, 6], 8, seed=13), CompletionRequest([5], 11, seed=14)]
+    mix = [R([1, 2], 12, seed=11, top_p=0.9), R([], 14, seed=12, temperature=0.8),
+           R([6, 6, 6], 8, seed=13), R([5], 11, seed=14)]
     if adaln:
-        mix[2].alpha0, mix[3].schedule, mix[3].steps = 0.0, "strided", 3
+        mix[2] = R([6, 6, 6], 8, seed=13, alpha0=0.0)
+        mix[3] = R([5], 11, seed=14, schedule="strided", steps=3)
     assert_alone(engine, col, staggered(engine, col, mix, [2, 1]))
 
 
@@ -199,7 +205,7 @@ def test_one_network_call_per_step():
 def test_cancel_frees_the_slot_at_the_next_step():
     engine = Engine(tiny(), ESOLM_B, max_batch=1)
     col = Collector()
-    long = CompletionRequest([1], 15, seed=1, alpha0=0.0)
+    long = R([1], 15, seed=1, alpha0=0.0)
     a, b = engine.submit(long, col), engine.submit(ESOLM_MIX[0], col)
     engine.step()
     col.step += 1
@@ -238,7 +244,7 @@ def test_a_raising_callback_fails_only_its_request():
 def test_queue_full():
     engine = Engine(tiny(), ESOLM_B, max_batch=1, max_queue=2)
     col = Collector()
-    req = CompletionRequest([1], 4)
+    req = R([1], 4)
     engine.submit(req, col)
     engine.submit(req, col)
     with pytest.raises(QueueFull, match="queue is full"):
@@ -297,8 +303,8 @@ def test_shutdown_without_drain_cancels():
 def test_one_at_a_time_methods_equal_generate(method):
     engine = Engine(tiny(), method, max_batch=3, eos_id=3)
     col = Collector()
-    reqs = [CompletionRequest([1, 2, 3, 4], 8, seed=1, steps=3),
-            CompletionRequest([5], 7, seed=2, top_p=0.9, temperature=0.8, schedule="first_hitting")]
+    reqs = [R([1, 2, 3, 4], 8, seed=1, steps=3),
+            R([5], 7, seed=2, top_p=0.9, temperature=0.8, schedule="first_hitting")]
     ids = {engine.submit(r, col): r for r in reqs}
     engine.run_until_idle()
     assert_alone(engine, col, ids)
@@ -307,14 +313,14 @@ def test_one_at_a_time_methods_equal_generate(method):
 def test_nothing_to_decode_finishes_at_admission():
     engine = Engine(tiny(), ESOLM_B, max_batch=2, eos_id=3)
     col = Collector()
-    given = engine.submit(CompletionRequest([1], 2, infill={1: 5, 2: 6}), col)
-    after_eos = engine.submit(CompletionRequest([1], 5, infill={1: 3}), col)
+    given = engine.submit(R([1], 2, infill={1: 5, 2: 6}), col)
+    after_eos = engine.submit(R([1], 5, infill={1: 3}), col)
     engine.run_until_idle()
     assert col.finished[given].tokens == [5, 6] and col.finished[given].nfe == 0
     assert col.finished[given].finish_reason == "length"
     assert col.finished[after_eos].tokens == [3] * 5 and col.finished[after_eos].nfe == 0
     assert col.finished[after_eos].finish_reason == "stop" and engine.stats["steps"] == 0
-    ref, _ = reference(engine, CompletionRequest([1], 5, infill={1: 3}))
+    ref, _ = reference(engine, R([1], 5, infill={1: 3}))
     assert ref.tokens[0, 1:].tolist() == [3] * 5
 
 
@@ -333,11 +339,11 @@ def test_slot_bytes():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt_ids=[1] * 10, max_tokens=7), "exceeds the model length 16"),
-    (dict(prompt_ids=[1], max_tokens=0), "max_tokens must be an integer >= 1"),
+    (dict(prompt_ids=[1], max_tokens=0), r"max_tokens must be an integer in \[1, 16\]"),
     (dict(prompt_ids=[1, 17], max_tokens=2), "prompt token id"),
     (dict(prompt_ids="hello", max_tokens=2), "list of token ids"),
     (dict(prompt_ids=[1], max_tokens=2, top_p=0.0), "top_p"),
-    (dict(prompt_ids=[1], max_tokens=2, temperature=0), "temperature"),
+    (dict(prompt_ids=[1], max_tokens=2, temperature=-1), "temperature"),
     (dict(prompt_ids=[1], max_tokens=2, alpha0=1.5), "alpha0"),
     (dict(prompt_ids=[1], max_tokens=2, steps=0), "steps"),
     (dict(prompt_ids=[1], max_tokens=2, schedule="beam"), "sampler 'beam'"),
@@ -348,16 +354,16 @@ def test_slot_bytes():
 def test_check_refuses_bad_requests(kwargs, message):
     engine = Engine(tiny(), ESOLM_B)
     with pytest.raises(UserError, match=message) as err:
-        engine.submit(CompletionRequest(**kwargs), Collector())
+        engine.submit(R(**kwargs), Collector())
     assert "\n" not in str(err.value) and engine.stats["queued"] == 0
 
 
 def test_check_ar_needs_a_start_token():
     with pytest.raises(UserError, match="needs a prompt"):
-        Engine(tiny(adaln=False), AR).check(CompletionRequest([], 4))
-    assert Engine(tiny(adaln=False), AR, eos_id=5).check(CompletionRequest([], 4)).prompt_ids == [5]
+        Engine(tiny(adaln=False), AR).check(R([], 4))
+    assert Engine(tiny(adaln=False), AR, eos_id=5).check(R([], 4)).prompt_ids == [5]
     with pytest.raises(UserError, match="alpha0 applies to Eso-LM only"):
-        Engine(tiny(adaln=False), AR).check(CompletionRequest([1], 4, alpha0=0.5))
+        Engine(tiny(adaln=False), AR).check(R([1], 4, alpha0=0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -188,8 +188,10 @@ def test_greedy_equals_the_plain_sampler(k, adaptive):
     spec = sample_speculative(model, x, plan, k=k, adaptive=adaptive, greedy=True, trace=True)
     assert torch.equal(plain.tokens, spec.tokens)
     assert spec.nfe <= plan.nfe
-    decoded = torch.cat(spec.trace)
+    decoded = torch.cat([torch.stack([s.rows, s.positions], 1) for s in spec.trace])  # (row, position)
     assert len(decoded) == 32 * (length - 2) and len(decoded.unique(dim=0)) == len(decoded)
+    assert [s.phase for s in spec.trace[:2]] == ["diffusion", "diffusion"]  # the plan's two parallel steps
+    assert {s.phase for s in spec.trace[2:]} == {"sequential"}
 
 
 def test_generate_refuses_bad_requests():

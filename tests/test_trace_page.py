@@ -22,7 +22,7 @@ from esolm.methods import model_config_for
 from esolm.model.backbone import DiT
 from esolm.sampling.api import generate
 from esolm.sampling.schedule import plan_binomial, plan_one_per_step, plan_strided
-from esolm.serving.trace import _sequential_from, events_from_generation, render_trace_html, write_trace_html
+from esolm.serving.trace import events_from_generation, render_trace_html, write_trace_html
 
 WORDS = "the a river city old new king music war north south early modern language people land sea".split()
 LENGTH = 24
@@ -83,12 +83,6 @@ def check_events(events, tokens, prompt_length, nfe):
 
 # ---- events_from_generation: the stream's events for one traced sample ----
 
-def test_sequential_run_rule():
-    assert _sequential_from([[3, 9], [5], [1], [2], [7]]) == 2  # [5] then [1]: not left to right
-    assert _sequential_from([[3, 9], [4, 1]]) == 2  # no trailing one-token run
-    assert _sequential_from([[2], [4], [8]]) == 0
-
-
 @pytest.mark.parametrize("alpha0,sampler", [(0.5, "auto"), (0.25, "first_hitting"), (1.0, "auto"), (0.5, "strided")])
 def test_esolm_events_follow_the_trace(workspace, alpha0, sampler):
     model, method = load_pretrained(workspace["models"]["eso"])
@@ -105,21 +99,16 @@ def test_esolm_events_follow_the_trace(workspace, alpha0, sampler):
             "strided": lambda: plan_strided(free, 5, alpha0, False, gen)}[sampler]()
     assert plan.nfe == out.nfe
     for i in range(3):
-        events = events_from_generation(out, tok, method, sample=i, sampler=sampler, alpha0=alpha0)
+        events = events_from_generation(out, tok, sample=i)
         steps = check_events(events, out.tokens[i].tolist(), len(prompt), out.nfe)
         phases = [s["phase"] for s in steps]
+        assert phases == [plan.phase(lo) for lo, _ in plan.bounds()]  # the plan's phases, exactly
         seq = [s for s in steps if s["phase"] == "sequential"]
         if alpha0 == 1.0:
             assert not seq
-        else:  # diffusion calls first, then one-token calls left to right
+        else:  # diffusion calls first, then the plan's sequential positions one per call, left to right
             assert phases == sorted(phases)
-            assert all(len(s["positions"]) == 1 for s in seq)
-            assert [s["positions"][0] for s in seq] == sorted(s["positions"][0] for s in seq)
-            assert all(len(s["positions"]) == 1 for s in steps[len(steps) - len(seq):])
-            # the plan's sequential calls are the end of the run; any more are one-token diffusion calls
-            true_seq = plan.order[i, plan.n_given + plan.n_diffusion:].tolist()
-            assert 1 <= len(true_seq) <= len(seq)
-            assert [s["positions"][0] for s in seq[len(seq) - len(true_seq):]] == true_seq
+            assert [s["positions"] for s in seq] == [[q] for q in plan.order[i, plan.diffusion_end:].tolist()]
         assert events[-1]["choices"][0]["text"] == tok.decode(out.tokens[i, len(prompt):].tolist())
 
 
@@ -127,13 +116,13 @@ def test_ar_and_mdlm_events(workspace):
     tok = workspace["tok"]
     model, method = load_pretrained(workspace["models"]["ar"])
     out = generate(model, method, num_samples=2, bos_id=tok.bos_id, seed=1, trace=True)
-    steps = check_events(events_from_generation(out, tok, method, sample=1), out.tokens[1].tolist(), 1, out.nfe)
+    steps = check_events(events_from_generation(out, tok, sample=1), out.tokens[1].tolist(), 1, out.nfe)
     assert [s["positions"] for s in steps] == [[p] for p in range(1, LENGTH)]
     assert {s["phase"] for s in steps} == {"sequential"}
     model, method = load_pretrained(workspace["models"]["mdlm"])  # ancestral: (row, position) pairs
     out = generate(model, method, num_samples=2, steps=6, seed=2, trace=True)
     for i in range(2):
-        steps = step_events(events_from_generation(out, tok, method, sample=i))
+        steps = step_events(events_from_generation(out, tok, sample=i))
         assert sorted(p for s in steps for p in s["positions"]) == list(range(LENGTH))
         assert len(steps) == out.nfe and {s["phase"] for s in steps} == {"diffusion"}
 
@@ -172,12 +161,23 @@ def test_sample_trace_html_is_the_first_sample(workspace, sampled):
     assert events[-1]["choices"][0]["text"] == tok.decode(rows[0]["token_ids"][p:])
 
 
-def test_sample_trace_html_refuses_speculative(workspace, tmp_path, capsys):
-    rc = cli.main(["sample", str(workspace["models"]["eso"]), "--speculative", "--trace-html",
-                   str(tmp_path / "t.html"), "--out", str(tmp_path / "s.jsonl")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "--trace-html does not combine with --speculative" in err
-    assert not (tmp_path / "t.html").exists()
+def test_sample_trace_html_of_speculative_decoding(workspace, tmp_path):
+    """Speculative calls are typed steps too: the page shows each call's finalised positions, the plan's
+    diffusion calls first, then the verified sequential calls (fewer calls than positions)."""
+    tok = workspace["tok"]
+    out, page = tmp_path / "s.jsonl", tmp_path / "t.html"
+    rc = cli.main(["sample", str(workspace["models"]["eso"]), "--speculative", "3", "--alpha0", "0.25", "--steps",
+                   "4", "--num-samples", "1", "--seed", "3", "--prompt", PROMPT, "--trace-html", str(page), "--out",
+                   str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text().splitlines()[0])
+    events = embedded_events(page.read_text(encoding="utf-8"))
+    p = 1 + len(tok.encode(PROMPT))
+    steps = check_events(events, row["token_ids"], p, row["nfe"])
+    phases = [s["phase"] for s in steps]
+    assert phases == sorted(phases) and phases[-1] == "sequential"
+    assert row["nfe"] < LENGTH - p  # verified drafts: fewer calls than one per position
+    assert events[-1]["choices"][0]["text"] == tok.decode(row["token_ids"][p:])
 
 
 # ---- the page in headless Chromium ----

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from esolm.config import ModelConfig
-from esolm.errors import ConfigError
+from esolm.errors import ConfigError, UserError
 
 # --------------------------------------------------------------------------------------------------
 # Value checks (each written once; sampling and evaluation call these too)
@@ -98,7 +98,12 @@ class Method:
     """Base of the method specs. ``name`` is the key stored in checkpoints."""
 
     name: ClassVar[str] = ""
+    # the schedules its decoder offers (``SamplingParams.sampler``; "auto" is the method's default)
+    samplers: ClassVar[tuple[str, ...]] = ("auto",)
+    # the attention of its diffusion (MDM) term: "bidirectional", "causal" (any order) or "prefix"
+    diffusion_attention: ClassVar[str] = "bidirectional"
 
+    # -- capabilities: what code asks of a method instead of comparing its name ---------------------------
     @property
     def is_diffusion(self) -> bool:
         """Every method but AR uses a mask token."""
@@ -109,6 +114,40 @@ class Method:
         """Causal any-order attention: KV-cached diffusion sampling, exact one-pass any-order likelihood and
         the importance-weighted bound (Eso-LM (B) only)."""
         return False
+
+    @property
+    def exact_likelihood(self) -> bool:
+        """Exact (conditional) log-likelihoods in one pass: AR and Eso-LM (B); the others give a bound."""
+        return self.any_order
+
+    @property
+    def batchable(self) -> bool:
+        """Decoded by the serving engine's one-call-per-step batch: a KV cache whose entries never change
+        (AR and Eso-LM (B))."""
+        return self.any_order
+
+    @property
+    def speculative(self) -> bool:
+        """Lossless self-speculative decoding (needs the any-order AR conditionals: Eso-LM (B))."""
+        return self.any_order
+
+    @property
+    def takes_alpha0(self) -> bool:
+        """Sampling takes an ``alpha0`` (Eso-LM)."""
+        return False
+
+    @property
+    def needs_start_token(self) -> bool:
+        """Decoding needs a given first token (a prompt, else BOS): AR, and BD3-LM trained with ignore_bos."""
+        return False
+
+    @property
+    def rl_likelihoods(self) -> tuple[str, ...]:
+        """The trajectory log-likelihood estimators RL can use with this method."""
+        return ()
+
+    def check_length(self, length: int) -> None:
+        """UserError when a sequence of ``length`` tokens cannot be decoded by this method."""
 
     @property
     def label(self) -> str:
@@ -129,10 +168,23 @@ def _plain(v: Any) -> Any:
 @dataclass(frozen=True)
 class AR(Method):
     name: ClassVar[str] = "ar"
+    diffusion_attention: ClassVar[str] = ""
 
     @property
     def is_diffusion(self) -> bool:
         return False
+
+    @property
+    def exact_likelihood(self) -> bool:
+        return True
+
+    @property
+    def batchable(self) -> bool:
+        return True
+
+    @property
+    def needs_start_token(self) -> bool:
+        return True
 
     @property
     def label(self) -> str:
@@ -142,10 +194,15 @@ class AR(Method):
 @dataclass(frozen=True)
 class MDLM(Method):
     name: ClassVar[str] = "mdlm"
+    samplers: ClassVar[tuple[str, ...]] = ("auto", "ancestral", "first_hitting", "left_to_right")
     low_var: bool = False  # training loss weight -1 instead of the ELBO weight (evaluation: always ELBO)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "low_var", _bool(self.low_var, "mdlm low_var"))
+
+    @property
+    def rl_likelihoods(self) -> tuple[str, ...]:
+        return ("mean-field",)
 
     @property
     def label(self) -> str:
@@ -155,6 +212,7 @@ class MDLM(Method):
 @dataclass(frozen=True)
 class EsoLM(Method):
     name: ClassVar[str] = "esolm"
+    samplers: ClassVar[tuple[str, ...]] = ("auto", "ancestral", "first_hitting", "strided", "subcontext")
     variant: str = "B"
     alpha0: float = 1.0
     batch_split: float | None = None  # kappa: share of the batch on the MDM term (default from alpha0)
@@ -177,6 +235,18 @@ class EsoLM(Method):
         return self.variant == "B"
 
     @property
+    def diffusion_attention(self) -> str:  # type: ignore[override]
+        return "causal" if self.any_order else "prefix"
+
+    @property
+    def takes_alpha0(self) -> bool:
+        return True
+
+    @property
+    def rl_likelihoods(self) -> tuple[str, ...]:
+        return ("exact", "mean-field") if self.any_order else ("mean-field",)
+
+    @property
     def label(self) -> str:
         return f"Eso-LM ({self.variant}) alpha0={self.alpha0:g}"
 
@@ -184,6 +254,7 @@ class EsoLM(Method):
 @dataclass(frozen=True)
 class BD3LM(Method):
     name: ClassVar[str] = "bd3lm"
+    samplers: ClassVar[tuple[str, ...]] = ("auto", "ancestral", "first_hitting")
     block_size: int = 0
     clip: tuple[float, float] | None = None  # training masking rates drawn from [beta, omega]
     ignore_bos: bool = False  # never mask token 0 of a sequence and leave it out of the count (bd3lms)
@@ -202,8 +273,17 @@ class BD3LM(Method):
         object.__setattr__(self, "ignore_bos", _bool(self.ignore_bos, "bd3lm ignore_bos"))
 
     @property
+    def needs_start_token(self) -> bool:
+        return self.ignore_bos
+
+    def check_length(self, length: int) -> None:
+        if length % self.block_size:
+            raise UserError(f"a BD3-LM sequence must be a multiple of the block size {self.block_size}, got "
+                            f"{length} tokens")
+
+    @property
     def label(self) -> str:
-        return f"BD3-LM L'={self.block_size}"
+        return f"BD3-LM L'={self.block_size}" + (" (ignore_bos)" if self.ignore_bos else "")
 
 
 def _bool(v: Any, what: str) -> bool:

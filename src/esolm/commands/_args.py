@@ -102,7 +102,7 @@ def choice_list(choices: tuple[str, ...] | list[str]) -> Callable[[str], list[st
 
 def text(value: str) -> str:
     """Command-line text that is valid UTF-8 (undecodable argv bytes arrive as surrogate escapes)."""
-    from esolm.evaluation.samples import check_text
+    from esolm.data.tokenizers import check_text
 
     try:
         return check_text(value, "text")

@@ -45,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", nargs="?", const=True, default=None, type=_args.int_at_least(2), metavar="K",
                    help="Eso-LM (B): lossless self-speculative decoding of the sequential phase (same law, fewer "
                         "network calls); K = draft length (default 4)")
+    p.add_argument("--draft", choices=("fixed", "adaptive"), default=None,
+                   help="--speculative: fixed draft length, or adaptive (grows after full acceptance, shrinks after a "
+                        "rejection)")
+    p.add_argument("--temperature", type=_args.float_in(0.0, 1e6), default=None,
+                   help="divides the logits (default 1: the model's law); 0 decodes greedily")
     p.add_argument("--top-p", type=_args.top_p, default=None,
                    help="nucleus filtering, in (0, 1] (the paper's quality runs: 0.9)")
     p.add_argument("--seed", type=_args.int_at_least(0), default=0)
@@ -89,8 +94,9 @@ def run(args) -> int:
     from esolm.errors import UserError
     from esolm.evaluation import metrics
     from esolm.evaluation.datasets import reference_texts, resolve_data
-    from esolm.evaluation.samples import JsonlWriter, SampleStats, encode_prompt, sample_batches
+    from esolm.evaluation.samples import JsonlWriter, SampleStats, sample_batches
     from esolm.io import atomic_json, check_writable, load_model
+    from esolm.sampling.params import SamplingParams
 
     if args.mauve and args.num_samples < 2:
         raise UserError("--mauve needs at least 2 samples")
@@ -100,21 +106,16 @@ def run(args) -> int:
         check_writable(args.summary)
     if args.trace_html:
         check_writable(args.trace_html)
-        if args.speculative:
-            raise UserError("--trace-html does not combine with --speculative")
     loaded = load_model(args.model, tokenizer=args.tokenizer, device=device, require_tokenizer=True)
     model, method, tokenizer = loaded.model, loaded.method, loaded.tokenizer
-    if args.alpha0 is not None and method.name != "esolm":
-        raise UserError(f"--alpha0 applies to Eso-LM models only; {args.model} is {method.label}")
+    params = SamplingParams.from_cli(args)
     if args.max_length is not None and args.max_length > model.config.length:
         raise UserError(f"--max-length {args.max_length} exceeds the model's length {model.config.length}")
     length = args.max_length or model.config.length
-    prompt_ids = encode_prompt(tokenizer, args.prompt, length) if args.prompt is not None else None
+    prompt_ids = tokenizer.encode_prompt(args.prompt, length) if args.prompt is not None else None
     draws = sample_batches(model, method, tokenizer, num_samples=args.num_samples, batch_size=args.batch_size,
-                           steps=args.steps, alpha0=args.alpha0, top_p=args.top_p, seed=args.seed,
-                           prompt_ids=prompt_ids, max_length=args.max_length, sampler=args.sampler,
-                           shuffle=args.shuffle, stop_at_eos=args.stop_at_eos,
-                           speculative=args.speculative)  # checks the request
+                           params=params, prompt_ids=prompt_ids, max_length=args.max_length,
+                           stop_at_eos=args.stop_at_eos)  # checks the request
     # load the metric models (and the reference) before sampling, so a missing one fails fast
     judge = metrics.Judge.load(args.judge, device=device, context=args.judge_context,
                                batch_size=args.judge_batch_size) if args.gen_ppl else None
@@ -134,11 +135,9 @@ def run(args) -> int:
             stats.add(batch)
             first = first or batch.rows[0]
     if args.trace_html:
-        _write_trace(args, model, method, tokenizer, prompt_ids, first["token_ids"])
-    summary = {"model": str(args.model), "method": method.to_dict(), "steps": args.steps,
-               "alpha0": args.alpha0 if args.alpha0 is not None else getattr(method, "alpha0", None),
-               "top_p": args.top_p, "seed": args.seed, "sampler": args.sampler, "shuffle": args.shuffle,
-               "speculative": args.speculative,
+        _write_trace(args, model, method, tokenizer, params, prompt_ids, first["token_ids"])
+    resolved = params.resolve(method, length)
+    summary = {"model": str(args.model), "method": method.to_dict(), **resolved.to_dict(),
                "nfe": stats.nfe, "sampling_seconds": stats.seconds, **stats.summary()}
     if args.out != "-":
         console.print(f"wrote {stats.num_samples} samples to {args.out} (NFE {stats.nfe}, {stats.seconds:.2f} s "
@@ -151,19 +150,18 @@ def run(args) -> int:
     return 0
 
 
-def _write_trace(args, model, method, tokenizer, prompt_ids, first_ids: list[int]) -> None:
+def _write_trace(args, model, method, tokenizer, params, prompt_ids, first_ids: list[int]) -> None:
     """Re-draw batch 0 (``sample_batches``' arguments and seed) with tracing on; write sample 0's page."""
     from esolm.evaluation.samples import DEFAULT_BATCH_SIZE
     from esolm.sampling.api import generate
+    from esolm.sampling.params import batch_seed
     from esolm.serving.trace import events_from_generation, write_trace_html
 
     n = min(args.num_samples, args.batch_size or DEFAULT_BATCH_SIZE)
-    out = generate(model, method, num_samples=n, batch_size=n, seed=args.seed * 1_000_003, prompt_ids=prompt_ids,
-                   steps=args.steps, alpha0=args.alpha0, top_p=args.top_p, max_length=args.max_length,
-                   eos_id=tokenizer.eos_id if args.stop_at_eos else None, bos_id=tokenizer.bos_id,
-                   sampler=args.sampler, shuffle=args.shuffle, trace=True)
+    out = generate(model, method, num_samples=n, batch_size=n, params=params.replace(seed=batch_seed(params.seed, 0)),
+                   prompt_ids=prompt_ids, max_length=args.max_length,
+                   eos_id=tokenizer.eos_id if args.stop_at_eos else None, bos_id=tokenizer.bos_id, trace=True)
     if out.sequences()[0] != first_ids:
         raise RuntimeError("the traced re-draw of the first sample differs from the written one")
-    events = events_from_generation(out, tokenizer, method, sampler=args.sampler, alpha0=args.alpha0,
-                                    model=str(args.model))
+    events = events_from_generation(out, tokenizer, model=str(args.model))
     write_trace_html(args.trace_html, events, title=f"esolm decoding trace: {args.model}")

@@ -50,6 +50,21 @@ GPT2_EOS = "<|endoftext|>"
 MASK = "<|mask|>"
 
 
+def check_text(value, what: str) -> str:
+    """``value`` as a str that can be written as UTF-8 (undecodable command-line bytes and JSON escapes such as
+    ``"\\ud800"`` arrive as lone surrogates); UserError otherwise."""
+    if not isinstance(value, str):
+        raise UserError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = value[e.start]
+        where = (f"byte 0x{ch.encode('utf-8', 'surrogateescape').hex()}" if "\udc80" <= ch <= "\udcff"
+                 else f"character {ascii(ch)}")
+        raise UserError(f"{what} is not valid UTF-8 ({where} at position {e.start})") from None
+    return value
+
+
 def package_dir(dist_module: str) -> Path:
     """Directory of an installed top-level package, found without importing it."""
     spec = importlib.util.find_spec(dist_module)
@@ -75,6 +90,7 @@ class Tokenizer:
         self.eos_id = int(eos_id)
         self.bos_id = int(bos_id)
         self.pad_id = int(self.eos_id if pad_id is None else pad_id)
+        self._plain: HFTokenizer | None = None  # encode_text's backend (special-token strings as text)
         n = self.vocab_size
         specials = {"mask": self.mask_id, "eos": self.eos_id, "bos": self.bos_id, "pad": self.pad_id}
         for what, i in specials.items():
@@ -88,6 +104,38 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str, what: str = "the text") -> list[int]:
+        """Ids of *user text*: the one encoder of every prompt, infill, task prompt and lm-eval request.
+
+        Special-token strings in it (``<|endoftext|>``, ``<|mask|>``, ``[MASK]``) are encoded as ordinary
+        text, never as control ids; UserError when ``text`` is not valid UTF-8 or still encodes to the mask
+        id (a tokenizer that cannot spell its mask string as text). Thread-safe (a second backend, built
+        once, encodes special-token strings as text; the shared one is never toggled)."""
+        check_text(text, what)
+        plain = self._plain
+        if plain is None:
+            plain = HFTokenizer.from_str(self.backend.to_str())
+            if hasattr(plain, "encode_special_tokens"):  # tokenizers >= 0.15
+                plain.encode_special_tokens = True
+            self._plain = plain
+        ids = plain.encode(text, add_special_tokens=False).ids
+        if self.mask_id in ids:
+            raise UserError(f"{what} encodes to the mask token (id {self.mask_id}), which decoding reads as a "
+                            "position to fill; remove the mask text")
+        return ids
+
+    def encode_prompt(self, text: str, length: int | None = None, what: str = "the prompt") -> list[int]:
+        """``[BOS] + encode_text(text)``: the clean prefix a completion of ``length`` tokens continues.
+        UserError when ``text`` is empty or leaves nothing of ``length`` to generate."""
+        check_text(text, what)
+        if not text:
+            raise UserError(f"{what} is empty (leave it out to sample without a prompt)")
+        ids = [self.bos_id, *self.encode_text(text, what)]
+        if length is not None and len(ids) >= length:
+            raise UserError(f"{what} is {len(ids)} tokens (with BOS) but samples are {length} tokens long: "
+                            "nothing left to generate; shorten the prompt or raise max_length")
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]

@@ -18,10 +18,10 @@ from esolm.evaluation.datasets import (
     zero_shot_texts,
 )
 from esolm.evaluation.perplexity import EvalResult, evaluate, iw_chunk_rows
-from esolm.evaluation.samples import JsonlWriter, SampleBatch, SampleStats, encode_prompt, sample_batches
+from esolm.evaluation.samples import JsonlWriter, SampleBatch, SampleStats, sample_batches
 
 __all__ = [
     "PAD_MODE_SOURCES", "ZERO_SHOT_SUITE", "batches", "eval_texts", "reference_texts", "resolve_data",
     "token_dataset", "zero_shot_texts", "EvalResult", "evaluate", "iw_chunk_rows", "JsonlWriter", "SampleBatch",
-    "SampleStats", "encode_prompt", "sample_batches",
+    "SampleStats", "sample_batches",
 ]

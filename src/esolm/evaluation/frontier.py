@@ -82,12 +82,12 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
     for label, path in models:
         loaded = load_model(path, tokenizer=tokenizer_name, device=device, require_tokenizer=True)
         model, method, tok = loaded.model, loaded.method, loaded.tokenizer
-        name = method.name
-        train_a0 = getattr(method, "alpha0", None)
-        a0_list = (alpha0s or [train_a0]) if name == "esolm" else [None]
-        step_list: list[int | None] = [None] if name == "ar" else list(steps)
+        train_a0 = method.alpha0 if method.takes_alpha0 else None
+        a0_list = (alpha0s or [train_a0]) if method.takes_alpha0 else [None]
+        step_list: list[int | None] = list(steps) if method.is_diffusion else [None]
         if warmup:
-            for _ in sample_batches(model, method, tok, num_samples=1, steps=2 if name != "ar" else None, seed=seed):
+            for _ in sample_batches(model, method, tok, num_samples=1, steps=2 if method.is_diffusion else None,
+                                    seed=seed):
                 pass
         ref = None
         if featurizer is not None:
@@ -99,8 +99,7 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
         for a0 in a0_list:
             for t in step_list:
                 draws = sample_batches(model, method, tok, num_samples=num_samples, batch_size=batch_size, steps=t,
-                                       alpha0=a0 if name == "esolm" else None, top_p=top_p, seed=seed,
-                                       sampler=sampler, repeats=repeats)
+                                       alpha0=a0, top_p=top_p, seed=seed, sampler=sampler, repeats=repeats)
                 stats = SampleStats(entropy=True, judge=judge, featurizer=featurizer,
                                     reference_features=ref)
                 a0_tag = f"-a{a0:g}" if a0 is not None else ""
@@ -109,7 +108,8 @@ def run_frontier(models: list[tuple[str, str]], *, steps: list[int], alpha0s: li
                         stats.add(batch)
                         writer.write(batch.rows)
                 summary = stats.summary()
-                p = FrontierPoint(label=label, description=method.label, method=name, train_alpha0=train_a0,
+                p = FrontierPoint(label=label, description=method.label, method=method.name,
+                                  train_alpha0=train_a0,
                                   alpha0=a0, steps=t, num_samples=stats.num_samples, nfe=stats.nfe,
                                   seconds=stats.seconds, seconds_per_sample=stats.seconds / stats.num_samples,
                                   gen_ppl=summary.get("gen_ppl"), mauve=summary.get("mauve"),

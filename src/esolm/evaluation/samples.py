@@ -1,6 +1,5 @@
 """Samples of a trained model, batch by batch: prompts, JSONL rows streamed to disk, a running summary.
 
-* :func:`encode_prompt` — the clean prefix samples continue (plain text, checked);
 * :func:`sample_batches` — checks the request, then yields :class:`SampleBatch` es lazily, so any number
   of samples runs in the memory of one batch;
 * :class:`JsonlWriter` — rows to a JSONL file as they come, the file appearing atomically at the end;
@@ -27,56 +26,12 @@ from esolm.evaluation import metrics
 from esolm.io import atomic_writer, check_writable
 from esolm.likelihood import perplexity
 from esolm.methods import Method, check_positive_int
-from esolm.sampling.api import check_request, generate
+from esolm.sampling.api import check_request, generate, sampling_params
+from esolm.sampling.params import SamplingParams, batch_seed, max_run_seed
 
 DEFAULT_BATCH_SIZE = 64  # samples per generate call when none is given
 # line breaks for str.splitlines that json.dumps(ensure_ascii=False) leaves raw: escaped, one row per line
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def check_text(value, what: str) -> str:
-    """``value`` as a str that can be written as UTF-8 (undecodable command-line bytes arrive as lone
-    surrogates); UserError otherwise."""
-    if not isinstance(value, str):
-        raise UserError(f"{what} must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        ch = value[e.start]
-        where = (f"byte 0x{ch.encode('utf-8', 'surrogateescape').hex()}" if "\udc80" <= ch <= "\udcff"
-                 else f"character {ascii(ch)}")
-        raise UserError(f"{what} is not valid UTF-8 ({where} at position {e.start})") from None
-    return value
-
-
-def encode_prompt(tokenizer: Tokenizer, text: str, length: int | None = None) -> list[int]:
-    """``[BOS] + tokens of text``: the clean prefix that samples of ``length`` tokens continue.
-
-    The prompt is plain text: special-token strings in it (``<|endoftext|>``, ``<|mask|>``, ``[MASK]``
-    ...) are encoded as ordinary text, never as special ids. UserError when ``text`` is not valid UTF-8,
-    is empty, leaves nothing of ``length`` to generate, or still encodes to the mask id (a tokenizer that
-    cannot encode special-token text as text).
-    """
-    check_text(text, "the prompt")
-    if not text:
-        raise UserError("the prompt is empty (leave it out to sample without a prompt)")
-    backend = tokenizer.backend
-    if hasattr(backend, "encode_special_tokens"):  # tokenizers >= 0.15: special-token strings as text
-        as_special = backend.encode_special_tokens
-        backend.encode_special_tokens = True
-        try:
-            ids = [tokenizer.bos_id, *tokenizer.encode(text)]
-        finally:
-            backend.encode_special_tokens = as_special
-    else:
-        ids = [tokenizer.bos_id, *tokenizer.encode(text)]
-    if tokenizer.mask_id in ids:
-        raise UserError(f"the prompt encodes to the mask token (id {tokenizer.mask_id}), which the samplers "
-                        "read as a position to generate; remove the mask text from the prompt")
-    if length is not None and len(ids) >= length:
-        raise UserError(f"the prompt is {len(ids)} tokens (with BOS) but samples are {length} tokens long: "
-                        "nothing left to generate; shorten the prompt or raise max_length")
-    return ids
 
 
 @dataclass
@@ -90,15 +45,14 @@ class SampleBatch:
 
 
 def sample_batches(model, method: Method | dict, tokenizer: Tokenizer, *, num_samples: int,
-                   batch_size: int | None = None, steps: int | None = None, alpha0: float | None = None,
-                   top_p: float | None = None, seed: int = 0, prompt_ids: Sequence[int] | None = None,
-                   max_length: int | None = None, sampler: str = "auto", shuffle: bool = False,
-                   stop_at_eos: bool = False, repeats: int = 1, speculative: bool | int | None = None
-                   ) -> Iterator[SampleBatch]:
+                   batch_size: int | None = None, params: SamplingParams | None = None,
+                   prompt_ids: Sequence[int] | None = None, max_length: int | None = None, stop_at_eos: bool = False,
+                   repeats: int = 1, **knobs) -> Iterator[SampleBatch]:
     """Check the request now (:func:`esolm.sampling.api.check_request`), then sample lazily, one batch per
     iteration (``batch_size`` samples, default ``min(num_samples, DEFAULT_BATCH_SIZE)``).
 
-    Batch ``b`` uses seed ``seed * 1_000_003 + b``, so its samples do not depend on later batches.
+    How to decode: ``params`` and/or its fields as keywords. Batch ``b`` uses seed
+    :func:`~esolm.sampling.params.batch_seed` ``(seed, b)``, so its samples do not depend on later batches.
     ``repeats > 1`` re-draws each batch with the same seed (the same samples) and keeps the fastest time:
     robust timings on a shared machine.
     """
@@ -106,21 +60,21 @@ def sample_batches(model, method: Method | dict, tokenizer: Tokenizer, *, num_sa
     bs = min(num_samples, DEFAULT_BATCH_SIZE if batch_size is None else check_positive_int(batch_size,
                                                                                             "batch_size"))
     repeats = check_positive_int(repeats, "repeats")
-    max_seed = (2**64 - 1 - (num_samples - 1) // bs) // 1_000_003  # every batch seed fits torch's 64 bits
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= max_seed:
-        raise UserError(f"seed must be an integer in [0, {max_seed}], got {seed!r}")
-    kw = dict(prompt_ids=prompt_ids, steps=steps, alpha0=alpha0, top_p=top_p, max_length=max_length,
-              eos_id=tokenizer.eos_id if stop_at_eos else None, bos_id=tokenizer.bos_id, sampler=sampler,
-              shuffle=shuffle, speculative=speculative)
-    check_request(model, method, num_samples=bs, batch_size=bs, seed=seed, **kw)
-    return _batches(model, method, tokenizer, num_samples, bs, seed, repeats, kw)
+    params = sampling_params(params, **knobs)
+    top = max_run_seed(-(-num_samples // bs))
+    if params.seed > top:
+        raise UserError(f"seed must be an integer in [0, {top}] (every batch's seed below 2**63), got {params.seed}")
+    kw = dict(prompt_ids=prompt_ids, max_length=max_length, eos_id=tokenizer.eos_id if stop_at_eos else None,
+              bos_id=tokenizer.bos_id)
+    params = check_request(model, method, params, num_samples=bs, batch_size=bs, **kw)
+    return _batches(model, method, tokenizer, num_samples, bs, params, repeats, kw)
 
 
-def _batches(model, method, tokenizer: Tokenizer, num_samples: int, bs: int, seed: int, repeats: int,
+def _batches(model, method, tokenizer: Tokenizer, num_samples: int, bs: int, params: SamplingParams, repeats: int,
              kw: dict) -> Iterator[SampleBatch]:
     for b, start in enumerate(range(0, num_samples, bs)):
         n = min(bs, num_samples - start)
-        draw = dict(kw, num_samples=n, batch_size=n, seed=seed * 1_000_003 + b)
+        draw = dict(kw, num_samples=n, batch_size=n, params=params.replace(seed=batch_seed(params.seed, b)))
         out = generate(model, method, **draw)
         seconds = out.seconds
         for _ in range(repeats - 1):

@@ -105,8 +105,8 @@ def checked_rewards(reward: Reward, prompts: Sequence[str], completions: Sequenc
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """``[BOS] prompt`` ids for each prompt."""
-    return [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    """``[BOS] prompt`` ids for each prompt (plain text: special-token strings stay text)."""
+    return [[tokenizer.bos_id, *tokenizer.encode_text(p, f"prompt {i}")] for i, p in enumerate(prompts)]
 
 
 def decode_completions(tokenizer, tokens: torch.Tensor, prompt_len: int) -> list[str]:

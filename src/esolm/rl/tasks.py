@@ -335,7 +335,7 @@ def get_task(name: str) -> Task:
 
 def encode_prompt(task: Task, tokenizer, instance) -> list[int]:
     """``[BOS] prompt`` as token ids (``1 + task.prompt_length`` of them with the ``chars`` tokenizer)."""
-    return [tokenizer.bos_id, *tokenizer.encode(task.prompt(instance))]
+    return [tokenizer.bos_id, *tokenizer.encode_text(task.prompt(instance), "the task prompt")]
 
 
 def decode_completion(tokenizer, ids: Sequence[int]) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from esolm.errors import UserError
 from esolm.model import masks
-from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
+from esolm.sampling.common import SEQUENTIAL, SampleResult, Step, StepCallback, Stopwatch
 from esolm.sampling.draw import draw
 
 Tensor = torch.Tensor
@@ -44,7 +44,7 @@ def sample_ar(model, x: Tensor, prompt_len: int, *, top_p=None, generator: torch
                 step_callback(k, i, i + 1, logits, tokens)
             tokens[:, i:i + 1] = draw(logits, mask_id, top_p, generator, greedy, temperature)
             if steps is not None:
-                steps.append(positions[:, i:i + 1])
+                steps.append(Step(k, SEQUENTIAL, positions[:, i:i + 1]))
             start = i
     tr = [t.cpu() for t in steps] if steps is not None else None
     return SampleResult(tokens, length - prompt_len, sw.seconds, tr)

@@ -17,17 +17,45 @@ Tensor = torch.Tensor
 StepCallback = Callable[[int, int, int, Tensor, Tensor], None]
 
 
+DIFFUSION, SEQUENTIAL = "diffusion", "sequential"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one network call of a decoding run decided: the typed trace record that the trace page, the
+    server's step events and ``--trace-html`` read as they are.
+
+    * ``call``: the network call's index in the run (0-based);
+    * ``phase``: ``"diffusion"`` (several positions may be decided in parallel) or ``"sequential"`` (one
+      position, left to right), as the decoder's plan says;
+    * ``positions``: original positions decided, ``[B, n]`` when every row decided ``n`` (row ``b``:
+      ``positions[b]``), or ``[n]`` with ``rows`` ``[n]`` (the row of each entry) when rows differ.
+    """
+
+    call: int
+    phase: str
+    positions: Tensor
+    rows: Tensor | None = None
+
+    def row(self, b: int) -> list[int]:
+        """The positions row ``b`` decided, in the order they were decided."""
+        if self.rows is None:
+            return self.positions[b].tolist()
+        return self.positions[self.rows == b].tolist()
+
+    def cpu(self) -> Step:
+        return Step(self.call, self.phase, self.positions.cpu(), None if self.rows is None else self.rows.cpu())
+
+
 @dataclass
 class SampleResult:
-    """One batch: ``tokens`` [B, L] in original order, network calls, wall time, optional trace.
-
-    ``trace[k]`` [B, n_k] holds the original positions decoded by network call ``k``.
-    """
+    """One batch: ``tokens`` [B, L] in original order, network calls, wall time, optional trace
+    (one :class:`Step` per network call)."""
 
     tokens: Tensor
     nfe: int
     seconds: float
-    trace: list[Tensor] | None = field(default=None)
+    trace: list[Step] | None = field(default=None)
 
 
 def synchronize(device: torch.device) -> None:

@@ -31,7 +31,7 @@ import torch
 
 from esolm.errors import UserError
 from esolm.model import masks
-from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
+from esolm.sampling.common import DIFFUSION, SEQUENTIAL, SampleResult, Step, StepCallback, Stopwatch
 from esolm.sampling.draw import draw
 from esolm.sampling.schedule import Plan
 
@@ -48,7 +48,7 @@ def _prepare(model, x: Tensor, plan: Plan) -> tuple[Tensor, Tensor]:
 
 def _finish(tokens_sorted: Tensor, order: Tensor, nfe: int, sw: Stopwatch, trace) -> SampleResult:
     tokens = torch.empty_like(tokens_sorted).scatter_(1, order, tokens_sorted)
-    tr = [t.cpu() for t in trace] if trace is not None else None
+    tr = [t.cpu() for t in trace] if trace is not None else None  # Step records
     return SampleResult(tokens, nfe, sw.seconds, tr)
 
 
@@ -85,7 +85,7 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
                 step_callback(k, lo, hi, logits, tokens)
             tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy, temperature)
             if steps is not None:
-                steps.append(order[:, lo:hi])
+                steps.append(Step(k, plan.phase(lo), order[:, lo:hi]))
             start = lo
     return _finish(tokens, order, plan.nfe, sw, steps)
 
@@ -127,5 +127,5 @@ def sample_esolm_a(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
                 step_callback(k, lo, hi, logits, tokens)
             tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy, temperature)
             if steps is not None:
-                steps.append(order[:, lo:hi])
+                steps.append(Step(k, plan.phase(lo), order[:, lo:hi]))
     return _finish(tokens, order, plan.nfe, sw, steps)

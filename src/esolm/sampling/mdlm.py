@@ -24,7 +24,7 @@ import torch
 from esolm.errors import UserError
 from esolm.noise import LogLinearSchedule, uniform
 from esolm.orders import free_order
-from esolm.sampling.common import SampleResult, StepCallback, Stopwatch
+from esolm.sampling.common import DIFFUSION, SampleResult, Step, StepCallback, Stopwatch
 from esolm.sampling.draw import draw
 
 Tensor = torch.Tensor
@@ -49,10 +49,10 @@ def ancestral_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi: in
         logits = call()
         if step_callback is not None:
             step_callback(step0 + nfe, lo, hi, logits, tokens)
-        nfe += 1
         window[idx] = draw(logits[idx], mask_id, top_p, generator, greedy, temperature)
-        if trace is not None:
-            trace.append(torch.stack(idx, dim=1).add_(torch.tensor([0, lo], device=window.device)))
+        if trace is not None:  # rows decide different numbers of positions: (row, position) entries
+            trace.append(Step(step0 + nfe, DIFFUSION, idx[1] + lo, idx[0]))
+        nfe += 1
     return nfe
 
 
@@ -74,7 +74,7 @@ def one_per_call_window(call: Callable[[], Tensor], tokens: Tensor, lo: int, hi:
         row = logits.gather(1, pos[:, :, None].expand(b, 1, vocab))
         window.scatter_(1, pos, draw(row, mask_id, top_p, generator, greedy, temperature))
         if trace is not None:
-            trace.append(pos + lo)
+            trace.append(Step(step0 + k, DIFFUSION, pos + lo))
     return order.shape[1]
 
 

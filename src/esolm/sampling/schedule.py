@@ -29,6 +29,7 @@ from esolm.errors import UserError
 from esolm.methods import check_alpha0
 from esolm.noise import LogLinearSchedule
 from esolm.orders import random_order, strided_order
+from esolm.sampling.common import DIFFUSION, SEQUENTIAL
 
 Tensor = torch.Tensor
 
@@ -54,6 +55,15 @@ class Plan:
     @property
     def n_sequential(self) -> int:
         return self.length - self.n_given - self.n_diffusion
+
+    @property
+    def diffusion_end(self) -> int:
+        """First sorted index of the sequential phase (``length`` when there is none)."""
+        return self.n_given + self.n_diffusion
+
+    def phase(self, lo: int) -> str:
+        """The phase of the step that starts at sorted index ``lo``."""
+        return DIFFUSION if lo < self.diffusion_end else SEQUENTIAL
 
     def bounds(self) -> list[tuple[int, int]]:
         """Sorted-index range ``[lo, hi)`` decoded by each step."""
@@ -120,6 +130,12 @@ def plan_binomial(free: Tensor, steps: int, alpha0: float, generator: torch.Gene
     diff = binomial_counts(n_free, steps, alpha0, generator)
     d = sum(diff)
     return Plan(random_order(free, d, generator), diff + [1] * (n_free - d), int(free.shape[1] - n_free), d)
+
+
+def plan_left_to_right(length: int, prompt_len: int, batch: int = 1) -> Plan:
+    """AR decoding as a plan: the prompt given, then one position per step, left to right."""
+    order = torch.arange(length).expand(batch, length).clone()
+    return Plan(order, [1] * (length - prompt_len), prompt_len, 0)
 
 
 def plan_one_per_step(free: Tensor, alpha0: float, generator: torch.Generator | None = None) -> Plan:

@@ -35,28 +35,12 @@ import torch
 
 from esolm.errors import UserError
 from esolm.model import masks
-from esolm.sampling.common import SampleResult, Stopwatch
+from esolm.sampling.common import DIFFUSION, SEQUENTIAL, SampleResult, Step, Stopwatch
 from esolm.sampling.draw import gumbel_noise, mask_logit, sampling_logits
+from esolm.sampling.params import DEFAULT_DRAFT, check_integer
 from esolm.sampling.schedule import Plan
 
 Tensor = torch.Tensor
-
-DEFAULT_DRAFT = 4
-DRAFTS = ("fixed", "adaptive")
-
-
-def draft_length(speculative, draft: str = "fixed") -> int | None:
-    """``generate``'s ``speculative`` argument as a draft length (``None``: off); UserError when invalid."""
-    if not isinstance(draft, str) or draft not in DRAFTS:
-        raise UserError(f"draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
-    if speculative is None or speculative is False:
-        return None
-    if speculative is True:
-        return DEFAULT_DRAFT
-    if not isinstance(speculative, int) or speculative < 2:
-        raise UserError(f"speculative must be True or a draft length >= 2, got {speculative!r}")
-    return speculative
-
 
 class SlotCache:
     """Keys/values by sorted index, per row: slot ``j`` of row ``b`` holds the K/V of that row's token at
@@ -98,7 +82,8 @@ class SpeculativeResult(SampleResult):
 
     ``proposed[j]`` / ``accepted[j]``: drafts verified / accepted at sorted index ``j`` (summed over rows);
     ``depth_proposed[i]`` / ``depth_accepted[i]``: the same by place in the draft (``i = 0``: first draft
-    after the exact chain head). ``trace[k]`` is ``[n, 2]`` (row, original position) pairs finalised by call k.
+    after the exact chain head). ``trace[k]`` is the :class:`~esolm.sampling.common.Step` of call ``k`` (the positions
+    each row finalised).
     """
 
     proposed: Tensor | None = None
@@ -178,7 +163,7 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
     (chain head included; the start value when ``adaptive``). ``monitor(cache, committed)`` runs after every
     call with the cache and each row's number of cached tokens (for tests).
     """
-    k = draft_length(k)
+    k = check_integer(k, "speculative (the draft length)", 2)
     mask_id = model.config.mask_id
     device = model.device
     order = plan.order.to(device)
@@ -208,11 +193,11 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
     steps = [] if trace else None
     nfe = 0
 
-    def record(old: Tensor, new: Tensor) -> None:
+    def record(old: Tensor, new: Tensor, phase: str) -> None:
         if steps is not None:
             j = torch.arange(length, device=device)[None]
             r, p = ((j >= old[:, None]) & (j < new[:, None])).nonzero(as_tuple=True)
-            steps.append(torch.stack([r, order[r, p]], 1).cpu())
+            steps.append(Step(nfe - 1, phase, order[r, p].cpu(), r.cpu()))
 
     with Stopwatch(device) as sw:
         cond = model.frozen_conditioning(b)
@@ -221,9 +206,9 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
                                                  n_draft, torch.full_like(final, hi - lo), mask_id)
             tokens[:, lo:hi] = _sample(_law(logits, mask_id, top_p, greedy, temperature), generator)
             _keep(cache, pend_idx, pend_ok, final, n_draft, 0)
-            record(final, final + hi - lo)
-            committed, final = final, final + (hi - lo)
             nfe += 1
+            record(final, final + hi - lo, DIFFUSION)
+            committed, final = final, final + (hi - lo)
             if monitor is not None:
                 monitor(cache, committed)
 
@@ -279,7 +264,7 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
             if adaptive:  # rows that had drafts: grow after full acceptance, shrink after a rejection
                 klen = torch.where(tried & full, m, klen)
                 klen = torch.where(tried & rejected, (klen - 1).clamp(min=2), klen)
-            record(old, torch.where(active, final, old))
+            record(old, torch.where(active, final, old), SEQUENTIAL)
             if monitor is not None:
                 monitor(cache, committed)
             active = final < length

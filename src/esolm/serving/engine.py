@@ -1,8 +1,9 @@
 """Continuous batching: many completion requests, one network call per engine step.
 
-**Eso-LM (B) and AR are batched.** Every admitted request owns a row: its own
-:class:`~esolm.sampling.schedule.Plan` (built as :func:`~esolm.sampling.api.generate` builds it for one
-sample, from a plan generator seeded with the request's seed), its own draw generator (seeded likewise),
+**Eso-LM (B) and AR are batched** (``method.batchable``). Every admitted request owns a row: its own
+:class:`~esolm.sampling.schedule.Plan` (built by the method's decoder, :func:`esolm.sampling.decoders.decoder_for`,
+exactly as :func:`~esolm.sampling.api.generate` builds it for one sample, from a plan generator seeded with the
+request's seed; AR's is the left-to-right plan), its own draw generator (seeded likewise),
 its own cache length. A step feeds, per row, what the one-sample sampler would feed at that row's next
 step — Eso-LM (B): ``[tokens decoded at its previous step ; masks of this step]`` in sorted order
 (:mod:`esolm.sampling.esolm`); AR: the tokens not yet cached (:mod:`esolm.sampling.ar`) — right-aligned
@@ -24,11 +25,14 @@ with the same arguments (the batched call's logits differ from the lone call's o
 rounding).
 
 **Eso-LM (A), MDLM and BD3-LM are served one request at a time**: a step runs a whole request through
-:func:`~esolm.sampling.api.generate` and emits its per-call events from the trace afterwards (cancel
-applies to queued requests only).
+:func:`~esolm.sampling.api.generate` and emits its per-call events from the typed trace
+(:class:`~esolm.sampling.common.Step`) afterwards (cancel applies to queued requests only). Their caches are
+not batchable as they are: Eso-LM (A)'s diffusion phase and MDLM recompute every key at every step, and
+BD3-LM's in-block ancestral steps decide a different number of positions per row.
 
-With ``eos_id``, ``Finished.tokens`` are cut as ``generate`` cuts (after the first EOS at or after the
-prompt's end: EOS), and a row leaves as soon as such an EOS precedes every position it has not decoded
+Requests are checked by :func:`esolm.sampling.api.prepare`, the check of ``generate`` itself, and decode with
+the same :class:`~esolm.sampling.params.SamplingParams`. With ``eos_id``, ``Finished.tokens`` are cut by
+:func:`~esolm.sampling.api.cut_at_eos` as ``generate`` cuts them, and a row leaves as soon as such an EOS precedes every position it has not decoded
 (AR: at its EOS). Requests whose prompt is empty on a model that needs a first token (AR, BD3-LM with
 ``ignore_bos``) start from ``[bos_id]`` (else ``[eos_id]``): :meth:`Engine.check` puts it in the prompt.
 """
@@ -42,36 +46,33 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from esolm.errors import ConfigError, EsoLMError, UserError
-from esolm.methods import as_method, check_temperature, check_top_p
+from esolm.methods import as_method
 from esolm.model import masks
 from esolm.model.backbone import FrozenConditioning
-from esolm.sampling.api import check_integer, check_request, generate
+from esolm.sampling.common import DIFFUSION, SEQUENTIAL
+from esolm.sampling.api import cut_at_eos, free_positions, generate, prepare
+from esolm.sampling.decoders import decoder_for
 from esolm.sampling.draw import draw_segments
-from esolm.sampling.schedule import Plan, plan_binomial, plan_one_per_step, plan_strided
+from esolm.sampling.params import SamplingParams, check_integer
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompletionRequest:
-    """One completion: positions ``p .. p + max_tokens - 1`` after the ``p`` prompt tokens."""
+    """One completion: positions ``p .. p + max_tokens - 1`` after the ``p`` prompt tokens, decoded with
+    ``params`` (the :class:`~esolm.sampling.params.SamplingParams` that ``generate`` takes)."""
 
     prompt_ids: list[int]
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int = 0
-    alpha0: float | None = None  # Eso-LM only (default: the method's alpha0)
-    steps: int | None = None  # Eso-LM: T of the schedule (default: the sequence length)
-    schedule: str = "auto"  # generate's sampler names
+    params: SamplingParams = field(default_factory=SamplingParams)
     infill: dict[int, int] | None = None  # absolute position -> token id, inside the completion
-    greedy: bool = False
 
 
 @dataclass
@@ -148,10 +149,10 @@ class SlotKV:
 
 
 class _Pending:
-    __slots__ = ("rid", "req", "on_event")
+    __slots__ = ("rid", "req", "x", "on_event")
 
-    def __init__(self, rid: int, req: CompletionRequest, on_event: Callback):
-        self.rid, self.req, self.on_event = rid, req, on_event
+    def __init__(self, rid: int, req: CompletionRequest, x: Tensor, on_event: Callback):
+        self.rid, self.req, self.x, self.on_event = rid, req, x, on_event  # x: [1, p + max_tokens] initial tokens
 
 
 class _Row:
@@ -188,13 +189,11 @@ class _Row:
 
 def _cut(tokens: Tensor, prompt_len: int, eos_id: int | None) -> tuple[list[int], str]:
     """Completion ids of ``tokens`` [L] (original order) after ``generate``'s EOS cut, and the reason."""
-    out = tokens[prompt_len:].clone()
-    if eos_id is not None:
-        hit = (out == eos_id).nonzero()
-        if hit.numel():
-            out[int(hit[0]) + 1:] = eos_id
-            return out.tolist(), "stop"
-    return out.tolist(), "length"
+    if eos_id is None:
+        return tokens[prompt_len:].tolist(), "length"
+    cut, n = cut_at_eos(tokens[None], prompt_len, eos_id)
+    stopped = bool(cut[0, int(n[0]) - 1] == eos_id) and int(n[0]) > prompt_len
+    return cut[0, prompt_len:].tolist(), "stop" if stopped else "length"
 
 
 class Engine:
@@ -217,9 +216,8 @@ class Engine:
             if i is not None and check_integer(i, what, 0, cfg.vocab_size - 1) == cfg.mask_id:
                 raise UserError(f"{what} {i} is the mask id")
         self.eos_id, self.bos_id = eos_id, bos_id
-        m = self.method
-        self.batched = m.name == "ar" or (m.name == "esolm" and m.variant == "B")
-        self._needs_start = m.name == "ar" or (m.name == "bd3lm" and m.ignore_bos)
+        self.decoder = decoder_for(self.method)
+        self.batched = self.method.batchable
 
         self._cv = threading.Condition(threading.Lock())
         self._step_lock = threading.Lock()
@@ -260,14 +258,20 @@ class Engine:
     # ---------------------------------------------------------------- requests
     def check(self, req: CompletionRequest) -> CompletionRequest:
         """``req`` validated and normalised (UserError, one line, for anything ``generate`` would refuse)."""
+        return self._checked(req)[0]
+
+    def _checked(self, req: CompletionRequest) -> tuple[CompletionRequest, Tensor]:
+        """The normalised request (prompt with its start token, resolved params) and its initial tokens."""
         if not isinstance(req, CompletionRequest):
             raise UserError(f"expected a CompletionRequest, got {type(req).__name__}")
         cfg = self.model.config
         if not isinstance(req.prompt_ids, (list, tuple)):
             raise UserError("prompt_ids must be a list of token ids")
+        if len(req.prompt_ids) > cfg.length:
+            raise UserError(f"the prompt ({len(req.prompt_ids)} tokens) exceeds the model length {cfg.length}")
         prompt = [check_integer(t, "prompt token id", 0, cfg.vocab_size - 1) for t in req.prompt_ids]
-        max_tokens = check_integer(req.max_tokens, "max_tokens", 1)
-        if not prompt and self._needs_start:
+        max_tokens = check_integer(req.max_tokens, "max_tokens", 1, cfg.length)
+        if not prompt and self.method.needs_start_token:
             start = self.bos_id if self.bos_id is not None else self.eos_id
             if start is None:
                 raise UserError(f"{self.method.label} needs a prompt (this engine has no bos_id or eos_id)")
@@ -275,32 +279,22 @@ class Engine:
         if len(prompt) + max_tokens > cfg.length:
             raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model length "
                             f"{cfg.length}")
-        if self.method.name == "bd3lm" and (len(prompt) + max_tokens) % self.method.block_size:
-            raise UserError(f"prompt + max_tokens ({len(prompt) + max_tokens}) must be a multiple of the block size "
-                            f"{self.method.block_size}")
-        if not isinstance(req.greedy, bool):
-            raise UserError(f"greedy must be true or false, got {req.greedy!r}")
+        self.method.check_length(len(prompt) + max_tokens)
+        if not isinstance(req.params, SamplingParams):
+            raise UserError(f"params must be a SamplingParams, got {type(req.params).__name__}")
         if req.infill is not None and not isinstance(req.infill, dict):
             raise UserError("infill must map positions to token ids")
         try:
-            check_request(self.model, self.method, prompt_ids=[prompt], infill=req.infill, steps=req.steps,
-                          alpha0=req.alpha0, top_p=req.top_p, seed=req.seed, max_length=len(prompt) + max_tokens,
-                          eos_id=self.eos_id, sampler=req.schedule, bos_id=self.bos_id, temperature=req.temperature)
-            temperature = check_temperature(req.temperature)
-            top_p = check_top_p(req.top_p)
+            prepared = prepare(self.model, self.method, req.params, prompt_ids=[prompt], infill=req.infill,
+                               max_length=len(prompt) + max_tokens, eos_id=self.eos_id, bos_id=self.bos_id)
         except ConfigError as e:
             raise UserError(str(e)) from None
-        alpha0 = req.alpha0
-        if self.method.name == "esolm":
-            alpha0 = self.method.alpha0 if alpha0 is None else float(alpha0)
         infill = None if req.infill is None else {int(k): int(v) for k, v in req.infill.items()}
-        return dataclasses.replace(req, prompt_ids=prompt, max_tokens=max_tokens, temperature=temperature,
-                                   top_p=top_p, alpha0=alpha0, infill=infill, seed=int(req.seed),
-                                   steps=None if req.steps is None else int(req.steps))
+        return (CompletionRequest(prompt, max_tokens, prepared.params, infill), prepared.tokens)
 
     def submit(self, req: CompletionRequest, on_event: Callback) -> int:
         """Queue ``req`` (checked first); returns its id. QueueFull when ``max_queue`` requests wait."""
-        req = self.check(req)
+        req, x = self._checked(req)
         with self._cv:
             if self._closed:
                 raise UserError("the engine is shutting down")
@@ -308,7 +302,7 @@ class Engine:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             rid = self._next_id
             self._next_id += 1
-            self._queue.append(_Pending(rid, req, on_event))
+            self._queue.append(_Pending(rid, req, x, on_event))
             self._live.add(rid)
             self._cv.notify_all()
         return rid
@@ -421,45 +415,24 @@ class Engine:
         with self._cv:
             self._live.discard(pending.rid)
 
-    def _initial(self, req: CompletionRequest) -> Tensor:
-        """[1, p + max_tokens] given tokens in place, the mask (0 without one) elsewhere, as generate."""
-        mask_id = self.model.config.mask_id
-        p = len(req.prompt_ids)
-        x = torch.full((1, p + req.max_tokens), mask_id if mask_id is not None else 0, dtype=torch.long)
-        x[0, :p] = torch.tensor(req.prompt_ids, dtype=torch.long)
-        for pos, tok in (req.infill or {}).items():
-            x[0, pos] = tok
-        return x
-
-    def _plan(self, req: CompletionRequest, x: Tensor) -> Plan:
-        """The plan ``generate`` builds for this one sample (same plan-generator use)."""
-        free = x == self.model.config.mask_id
-        gen = torch.Generator().manual_seed(req.seed)
-        length = x.shape[1]
-        if req.schedule in ("auto", "ancestral"):
-            return plan_binomial(free, req.steps or length, req.alpha0, gen)
-        if req.schedule == "first_hitting":
-            return plan_one_per_step(free, req.alpha0, gen)
-        return plan_strided(free, req.steps or length, req.alpha0, False, gen)
+    def _plan(self, p: _Pending):
+        """The plan ``generate`` builds for this one sample (the decoder's, same plan-generator use)."""
+        req = p.req
+        gen = torch.Generator().manual_seed(req.params.seed)
+        prompt_len = len(req.prompt_ids)
+        return self.decoder.plan(free_positions(p.x, self.model.config.mask_id, prompt_len), prompt_len, req.params,
+                                 gen)
 
     def _admit(self, p: _Pending) -> None:
-        req = p.req
+        req, x = p.req, p.x
         try:
-            x = self._initial(req)
             length = x.shape[1]
-            prompt_len = len(req.prompt_ids)
-            if self.method.name == "ar":
-                order = torch.arange(length)
-                bounds = [(i, i + 1) for i in range(prompt_len, length)]
-                shift, diffusion_end, n_given = 1, 0, prompt_len
-            else:
-                plan = self._plan(req, x)
-                order, bounds, shift = plan.order[0], plan.bounds(), 0
-                n_given = plan.n_given
-                diffusion_end = n_given + plan.n_diffusion
+            plan = self._plan(p)
+            order, bounds, shift = plan.order[0], plan.bounds(), self.decoder.shift
+            n_given, diffusion_end = plan.n_given, plan.diffusion_end
             given_eos = [q for q, t in (req.infill or {}).items() if t == self.eos_id]  # all after the prompt
             eos_at = min(given_eos, default=math.inf)
-            gen = torch.Generator(device=self.model.device).manual_seed(req.seed)
+            gen = torch.Generator(device=self.model.device).manual_seed(req.params.seed)
             slot = len(self._rows)
             self._tok[slot, :length] = x[0, order].to(self._tok.device)
             self._pos[slot, :length] = order.to(self._tok.device)
@@ -522,10 +495,10 @@ class Engine:
             at_row = [i for i, n in enumerate(n_out) for _ in range(n)]
             at_pos = [u for n in n_out for u in range(m - n, m)]
             needed = logits[torch.tensor(at_row, device=device), torch.tensor(at_pos, device=device)]
-        reqs = [r.pending.req for r in rows]
+        ps = [r.pending.req.params for r in rows]
         try:
-            drawn = draw_segments(needed, n_out, self.model.config.mask_id, [q.top_p for q in reqs],
-                                  [q.temperature for q in reqs], [q.greedy for q in reqs], [r.generator for r in rows])
+            drawn = draw_segments(needed, n_out, self.model.config.mask_id, [q.top_p for q in ps],
+                                  [q.draw_temperature for q in ps], [q.greedy for q in ps], [r.generator for r in rows])
             at_slot = [r.slot for r, n in zip(rows, n_out) for _ in range(n)]
             at_index = [j for r in rows for j in range(*r.bounds[r.k])]
             self._tok[torch.tensor(at_slot, device=device), torch.tensor(at_index, device=device)] = drawn
@@ -546,7 +519,7 @@ class Engine:
                 positions = row.order_list[lo:hi]
                 if self.eos_id is not None and self.eos_id in new:
                     row.eos_at = min(row.eos_at, *(q for q, t in zip(positions, new) if t == self.eos_id))
-                phase = "diffusion" if lo < row.diffusion_end else "sequential"
+                phase = DIFFUSION if lo < row.diffusion_end else SEQUENTIAL
                 event = StepEvent(row.rid, row.k, positions, new, phase)
                 row.k += 1
                 row.start, row.decided = lo, hi
@@ -568,33 +541,23 @@ class Engine:
         return self._cond[b]
 
     def _run_whole(self, p: _Pending) -> None:
-        """A non-batched method: the whole request through ``generate``, then its events from the trace."""
+        """A non-batched method: the whole request through ``generate``, then its events from the typed trace."""
         req = p.req
         t0 = time.perf_counter()
-        name = self.method.name
         try:
-            x = self._initial(req)
             prompt_len = len(req.prompt_ids)
-            diffusion_end = None
-            if name == "esolm":
-                plan = self._plan(req, x)
-                diffusion_end = plan.n_given + plan.n_diffusion
-                starts = [lo for lo, _ in plan.bounds()]
-            out = generate(self.model, self.method, prompt_ids=[req.prompt_ids], infill=req.infill,
-                           steps=req.steps, alpha0=req.alpha0, top_p=req.top_p, temperature=req.temperature,
-                           seed=req.seed, max_length=x.shape[1], sampler=req.schedule, greedy=req.greedy,
-                           bos_id=self.bos_id, trace=True)
+            out = generate(self.model, self.method, prompt_ids=[req.prompt_ids], infill=req.infill, params=req.params,
+                           max_length=p.x.shape[1], bos_id=self.bos_id, trace=True)
             tokens = out.tokens[0]
-            pairs = name != "esolm" and req.schedule in ("auto", "ancestral")  # [n, 2] (row, position)
-            for k, t in enumerate(out.trace[0]):
-                positions = (t[:, 1] if pairs else t[0]).tolist()
-                phase = "diffusion" if diffusion_end is None or starts[k] < diffusion_end else "sequential"
-                err = self._emit(p, StepEvent(p.rid, k, positions, tokens[positions].tolist(), phase))
+            for step in out.trace[0]:
+                positions = step.row(0)
+                event = StepEvent(p.rid, step.call, positions, tokens[positions].tolist(), step.phase)
+                err = self._emit(p, event)
                 if err is not None:
                     raise err
             self._counts["steps"] += out.nfe
             self._counts["nfe"] += out.nfe
-            self._counts["tokens"] += int((x[0] == self.model.config.mask_id).sum())
+            self._counts["tokens"] += int((p.x[0] == self.model.config.mask_id).sum())
             completion, reason = _cut(tokens, prompt_len, self.eos_id)
         except Exception as e:
             self._finish(p, [], 0, time.perf_counter() - t0, "error", e)

@@ -42,7 +42,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from esolm.errors import EsoLMError, UserError
-from esolm.evaluation.samples import check_text, encode_prompt
+from esolm.sampling.params import SamplingParams
 from esolm.serving.engine import CompletionRequest, Finished, QueueFull, StepEvent
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -253,7 +253,7 @@ def create_app(engine, *, model_name: str, tokenizer) -> FastAPI:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise UserError(f"stop must be up to {MAX_STOP} non-empty strings")
-        prompt_ids = encode_prompt(tokenizer, body.prompt) if body.prompt else [tokenizer.bos_id]
+        prompt_ids = tokenizer.encode_prompt(body.prompt) if body.prompt else [tokenizer.bos_id]
         p = len(prompt_ids)
         if p >= length:
             raise UserError(f"the prompt is {p} tokens (with BOS) but the model's length is {length}: "
@@ -270,7 +270,7 @@ def create_app(engine, *, model_name: str, tokenizer) -> FastAPI:
                     rel = int(key)
                 except ValueError:
                     raise UserError(f"infill keys must be completion positions (integers), got {key!r}") from None
-                ids = tokenizer.encode(check_text(text, f"infill text at {key}"))
+                ids = tokenizer.encode_text(text, f"the infill text at {key}")
                 if not ids:
                     raise UserError(f"infill text at {key} encodes to no tokens")
                 if rel < 0 or rel + len(ids) > max_tokens:
@@ -280,10 +280,8 @@ def create_app(engine, *, model_name: str, tokenizer) -> FastAPI:
                     if j in infill:
                         raise UserError(f"infill texts overlap at completion position {j - p}")
                     infill[j] = tok
-        requests = [engine.check(CompletionRequest(
-            prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-            seed=body.seed + i, alpha0=body.alpha0, steps=body.steps, schedule=body.schedule, infill=infill))
-            for i in range(body.n)]
+        requests = [engine.check(CompletionRequest(prompt_ids, max_tokens, SamplingParams.from_request(body, i),
+                                                   infill)) for i in range(body.n)]
         return requests, stop
 
     def finish(event: Finished, stop: list[str]) -> tuple[str, str]:

@@ -4,11 +4,8 @@ self-contained HTML page (the trace page of ``esolm serve`` with its CSS/JS inli
 The events are the dicts of the ``/v1/completions`` stream (``esolm`` field: ``start``, one ``step`` per
 network call, ``done``), so the page reads an offline trace and a live stream the same way.
 
-Phase rule (the trace records positions, not the plan): AR calls are ``sequential``; MDLM and BD3-LM calls
-are ``diffusion``; for Eso-LM sampled with ``alpha0 = 1`` every call is ``diffusion``, otherwise the
-trailing run of one-token calls whose positions increase left to right is the sequential phase and every
-earlier call is ``diffusion``. A one-token diffusion call just before that run, at a position left of the
-run's first one, is indistinguishable from a sequential call and is counted as one.
+Each event is read off a typed :class:`~esolm.sampling.common.Step` record as it is: its positions and its
+phase, which the decoder's plan set (nothing is reconstructed).
 """
 
 from __future__ import annotations
@@ -19,25 +16,11 @@ from pathlib import Path
 
 from esolm.data.tokenizers import Tokenizer
 from esolm.io.atomic import atomic_write
-from esolm.methods import as_method
 from esolm.sampling.api import GenerationOutput
 
 STATIC = Path(__file__).resolve().parent / "static"
 _CSS_LINK = '<link rel="stylesheet" href="/static/trace.css">'
 _JS_TAG = '<script src="/static/trace.js"></script>'
-
-
-def _pairs_format(method, sampler: str) -> bool:
-    """MDLM / BD3-LM ancestral calls record ``[n, 2]`` (row, position) pairs; the others ``[B, n]`` rows."""
-    return method.name in ("mdlm", "bd3lm") and sampler in ("auto", "ancestral")
-
-
-def _sequential_from(calls: list[list[int]]) -> int:
-    """Index of the first call of the trailing run of one-token, left-to-right calls (len(calls): none)."""
-    k = len(calls)
-    while k > 0 and len(calls[k - 1]) == 1 and (k == len(calls) or calls[k - 1][0] < calls[k][0]):
-        k -= 1
-    return k
 
 
 def _envelope(kind: str, index: int, model: str, created: int, esolm: dict, text: str = "",
@@ -47,35 +30,22 @@ def _envelope(kind: str, index: int, model: str, created: int, esolm: dict, text
             "esolm": {"event": kind, "index": index, **esolm}}
 
 
-def events_from_generation(output: GenerationOutput, tokenizer: Tokenizer, method, *, sample: int = 0,
-                           sampler: str = "auto", alpha0: float | None = None, model: str = "esolm"
-                           ) -> list[dict]:
+def events_from_generation(output: GenerationOutput, tokenizer: Tokenizer, *, sample: int = 0,
+                           model: str = "esolm") -> list[dict]:
     """``start``, ``step`` (one per network call) and ``done`` events of sample ``sample`` of ``output``.
 
-    ``output``: one batch of ``generate(..., trace=True)`` without speculative decoding; ``method``,
-    ``sampler`` and ``alpha0`` (Eso-LM's sampling alpha0; default the method's) as given to ``generate``.
-    Tokens are those of the final sample (after an EOS cut: EOS). The prompt is the given prefix (positions
-    before the first decoded one). ``tokens_per_second`` is this sample's decoded tokens over the batch's
-    sampling time.
+    ``output``: one batch of ``generate(..., trace=True)`` (a call that decides nothing for this sample, as
+    an MDLM ancestral step can, is an event with no positions). Tokens are those of the final sample (after an EOS cut:
+    EOS). The prompt is the given prefix (positions before the first decoded one). ``tokens_per_second`` is
+    this sample's decoded tokens over the batch's sampling time.
     """
-    method = as_method(method)
     if output.trace is None or output.num_batches != 1:
         raise ValueError("events_from_generation needs one batch of generate(..., trace=True)")
     tokens = output.tokens[sample].tolist()
     length = len(tokens)
-    pairs = _pairs_format(method, sampler)
-    calls = []
-    for t in output.trace[0]:
-        pos = t[t[:, 0] == sample, 1] if pairs else t[sample]
-        calls.append([int(p) for p in pos])
-    decided = sorted(p for c in calls for p in c)
+    steps = [(s.phase, s.row(sample)) for s in output.trace[0]]
+    decided = sorted(p for _, c in steps for p in c)
     prompt_length = decided[0] if decided else length
-    if method.name == "ar":
-        seq_from = 0
-    elif method.name == "esolm" and (method.alpha0 if alpha0 is None else alpha0) < 1:
-        seq_from = _sequential_from(calls)
-    else:
-        seq_from = len(calls)
 
     def text(i: int) -> str:
         return tokenizer.decode([i], skip_special_tokens=False)
@@ -84,16 +54,16 @@ def events_from_generation(output: GenerationOutput, tokenizer: Tokenizer, metho
     events = [_envelope("start", 0, model, created, {
         "prompt_tokens": [text(i) for i in tokens[:prompt_length]], "prompt_length": prompt_length,
         "length": length})]
-    for k, pos in enumerate(calls):
+    for k, (phase, pos) in enumerate(steps):
         ids = [tokens[p] for p in pos]
         events.append(_envelope("step", 0, model, created, {
-            "step": k, "phase": "sequential" if k >= seq_from else "diffusion", "positions": pos, "tokens": ids,
+            "step": k, "phase": phase, "positions": pos, "tokens": ids,
             "token_texts": [text(i) for i in ids], "nfe": k + 1}))
     end = length if output.lengths is None else int(output.lengths[sample])
     completion = tokenizer.decode(tokens[prompt_length:end])
     seconds = float(output.seconds)
     events.append(_envelope("done", 0, model, created, {
-        "nfe": len(calls), "seconds": seconds,
+        "nfe": len(steps), "seconds": seconds,
         "tokens_per_second": len(decided) / seconds if seconds > 0 else None},
         text=completion, finish_reason="stop" if end < length else "length"))
     return events
