@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from esolm.errors import UserError
-from esolm.methods import Method, as_method
+from esolm.methods import AR, BD3LM, MDLM, EsoLM, Method, as_method
 from esolm.model import masks
 from esolm.model.backbone import at_least_fp32
 from esolm.noise import EPS, LogLinearSchedule, antithetic_times, uniform
@@ -228,17 +228,17 @@ def mdm_term(model, x0: Tensor, valid: Tensor | None, generator, rank: int, worl
 
 
 def sequential_term(model, x0: Tensor, valid: Tensor | None, generator, alpha0: float,
-                    variant: str) -> tuple[Tensor, Tensor]:
+                    any_order: bool) -> tuple[Tensor, Tensor]:
     """Eso-LM's AR term: ``z0 ~ q0`` (mask w.p. 1 - alpha0); order = clean z0 tokens first (random for
-    B, ascending for A), then the masks left to right; one 2L pass ``[z0_sorted ; x0_sorted]``."""
+    B, ``any_order``; ascending for A), then the masks left to right; one 2L pass ``[z0_sorted ; x0_sorted]``."""
     b, n = x0.shape
     mask_id = _mask_id(model)
     is_mask = uniform((b, n), generator, x0.device) < (1.0 - alpha0)
     if valid is not None:
         is_mask &= valid
     z0 = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
-    sort_idx = sort_clean_first(is_mask, generator, shuffle_clean=(variant == "B"), shuffle_masks=False)
-    if variant == "B":
+    sort_idx = sort_clean_first(is_mask, generator, shuffle_clean=any_order, shuffle_masks=False)
+    if any_order:
         mask = masks.sequential(n, x0.device)
     else:
         mask = masks.sequential_prefix((~is_mask).sum(1), n, x0.device)
@@ -272,16 +272,15 @@ class EsoLMObjective(Objective):
     def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
         m = self.method
         k = self.split(x0.shape[0])
-        attention = "causal" if m.variant == "B" else "prefix"
         out = {}
         if k > 0:
             v = None if valid is None else valid[:k]
             out["mdm"] = mdm_term(model, x0[:k], v, generator, rank, world_size,
-                                  LogLinearSchedule(m.alpha0), attention, self.training and m.low_var,
+                                  LogLinearSchedule(m.alpha0), m.diffusion_attention, self.training and m.low_var,
                                   time_generator)
         if k < x0.shape[0]:
             v = None if valid is None else valid[k:]
-            out["ar"] = sequential_term(model, x0[k:], v, generator, m.alpha0, m.variant)
+            out["ar"] = sequential_term(model, x0[k:], v, generator, m.alpha0, m.any_order)
         return LossOutput(out)
 
 
@@ -335,10 +334,11 @@ class BD3LMObjective(Objective):
         return LossOutput({"mdm": (nll.sum(), _count(x0, counted))})
 
 
-_OBJECTIVES = {"ar": ARObjective, "mdlm": MDLMObjective, "esolm": EsoLMObjective, "bd3lm": BD3LMObjective}
+_OBJECTIVES: dict[type[Method], type[Objective]] = {AR: ARObjective, MDLM: MDLMObjective, EsoLM: EsoLMObjective,
+                                                    BD3LM: BD3LMObjective}
 
 
 def build_objective(method: Method | dict) -> Objective:
-    """The objective of a method spec (or its dict)."""
+    """The objective of a method spec (or its dict): the registry, keyed by the spec's class."""
     m = as_method(method)
-    return _OBJECTIVES[m.name](m)
+    return _OBJECTIVES[type(m)](m)
