@@ -311,13 +311,13 @@ def test_a_billion_samples_stream_in_bounded_memory(ws, tmp_path, capsys, monkey
     out = tmp_path / "many.jsonl"
     stop, seen = 120, []
 
-    def fake_generate(model, method, *, num_samples, seed, max_length=None, **kw):
+    def fake_generate(model, method, *, num_samples, params, max_length=None, **kw):
         tmp = list(tmp_path.glob(".many.jsonl.*"))
         assert len(tmp) == 1 and not out.exists()
         seen.append((num_samples, len(tmp[0].read_text().splitlines()), tracemalloc.get_traced_memory()[0]))
         if len(seen) > stop:
             raise KeyboardInterrupt
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(params.seed)
         return GenerationOutput(tokens=torch.randint(2, 300, (num_samples, LENGTH), generator=g), nfe=1,
                                 seconds=1e-3)
 

@@ -74,12 +74,12 @@ def test_round_trip_is_bit_exact(tmp_path, kw):
         assert torch.equal(model.eval()(x), loaded(x))
 
 
-def test_dit_methods_delegate_and_overwrite(tmp_path):
+def test_save_pretrained_overwrites(tmp_path):
     first, second = random_dit(seed=1), random_dit(seed=2)
-    first.save_pretrained(tmp_path / "m")
-    second.save_pretrained(tmp_path / "m", method={"name": "mdlm", "low_var": False})
+    save_pretrained(first, tmp_path / "m")
+    save_pretrained(second, tmp_path / "m", method={"name": "mdlm", "low_var": False})
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
-    loaded = DiT.from_pretrained(tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")[0]
     _state_equal(second, loaded)
     assert load_pretrained(tmp_path / "m" / "model.safetensors")[1] == as_method({"name": "mdlm", "low_var": False})
 
@@ -89,7 +89,7 @@ def test_wrapped_models_save_their_own_keys(tmp_path):
     wrapper = torch.nn.Module()
     wrapper.module = model  # what DDP-style wrappers look like
     save_pretrained(wrapper, tmp_path / "m")
-    _state_equal(model, DiT.from_pretrained(tmp_path / "m"))
+    _state_equal(model, load_pretrained(tmp_path / "m")[0])
     with pytest.raises(CheckpointError, match="expects an esolm DiT"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
 
@@ -106,14 +106,14 @@ def test_pt_file_with_esolm_config(tmp_path):
 def test_bf16_round_trip_keeps_precision(tmp_path):
     model = random_dit().to(torch.bfloat16)
     save_pretrained(model, tmp_path / "m")
-    _state_equal(model, DiT.from_pretrained(tmp_path / "m"))
+    _state_equal(model, load_pretrained(tmp_path / "m")[0])
 
 
 def test_shared_storage_is_saved_as_separate_tensors(tmp_path):
     model = random_dit()
     model.output_layer.linear.weight = model.vocab_embed.embedding  # [V, d] both: tie them
     save_pretrained(model, tmp_path / "m")
-    loaded = DiT.from_pretrained(tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")[0]
     assert torch.equal(loaded.output_layer.linear.weight, model.vocab_embed.embedding)
     assert loaded.output_layer.linear.weight.data_ptr() != loaded.vocab_embed.embedding.data_ptr()
 
@@ -232,7 +232,7 @@ def test_load_authors_state_dict_errors():
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
 def test_fixture_files_load_through_from_pretrained(path):
     fx = torch.load(path, weights_only=True)
-    model = DiT.from_pretrained(path)
+    model = load_pretrained(path)[0]
     assert isinstance(model, DiT)
     for k, v in fx["state_dict"].items():
         assert torch.equal(model.state_dict()[k], v)
@@ -243,7 +243,7 @@ def test_bare_state_dict_needs_a_config(tmp_path):
     torch.save(fx["state_dict"], tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="pass config="):
         load_pretrained(tmp_path / "w.pt")
-    model = DiT.from_pretrained(tmp_path / "w.pt", config=fx["config"], mask_index=fx["mask_index"])
+    model = load_pretrained(tmp_path / "w.pt", config=fx["config"], mask_index=fx["mask_index"])[0]
     assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
 
 
@@ -325,7 +325,7 @@ def test_lightning_checkpoint_without_running_pickled_code(tmp_path, monkeypatch
         assert torch.equal(p, s), name
     assert torch.equal(model.rotary_emb.inv_freq, fx["state_dict"]["rotary_emb.inv_freq"])
 
-    raw_model = DiT.from_pretrained(tmp_path / "last.ckpt", use_ema=False)
+    raw_model = load_pretrained(tmp_path / "last.ckpt", use_ema=False)[0]
     assert (_diffusion_logits(raw_model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
     assert not FakeTokenizer.ran
 
@@ -337,7 +337,7 @@ def test_lightning_checkpoint_with_unrecoverable_config(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_pretrained(tmp_path / "last.ckpt")
     assert "pass config=" in _one_line(info)
-    model = DiT.from_pretrained(tmp_path / "last.ckpt", config=_fixture_config(fx), use_ema=False)
+    model = load_pretrained(tmp_path / "last.ckpt", config=_fixture_config(fx), use_ema=False)[0]
     assert (_diffusion_logits(model, fx) - fx["diffusion"]["logits"]).abs().max() <= 1e-5
 
 
@@ -348,7 +348,7 @@ def test_ema_of_wrong_size_is_refused(tmp_path):
     torch.save(ckpt, tmp_path / "x.ckpt")
     with pytest.raises(CheckpointError, match="EMA holds 1 tensors"):
         load_pretrained(tmp_path / "x.ckpt")
-    assert DiT.from_pretrained(tmp_path / "x.ckpt", use_ema=False) is not None
+    assert load_pretrained(tmp_path / "x.ckpt", use_ema=False)[0] is not None
 
 
 # ------------------------------------------------------------------ authors' Hugging Face layout
@@ -499,7 +499,7 @@ def test_pickled_calls_are_never_executed(tmp_path):
     base = {"state_dict": fx["state_dict"], "config": fx["config"], "vocab_size": fx["vocab_size"],
             "mask_index": fx["mask_index"]}
     torch.save({**base, "extra": Payload(_evil, "ran")}, tmp_path / "a.ckpt")
-    assert DiT.from_pretrained(tmp_path / "a.ckpt") is not None
+    assert load_pretrained(tmp_path / "a.ckpt")[0] is not None
     assert EVIL_RAN == []
     extra = io.read_checkpoint(tmp_path / "a.ckpt")["extra"]
     assert isinstance(extra, io.InertObject) and extra.qualname.endswith("_evil") and extra.args == ("ran",)
@@ -612,7 +612,7 @@ def test_every_format_through_every_loader(formats, name, monkeypatch):
     fmt = formats["formats"][name]
     if "snapshot" in fmt:
         _offline_hub(monkeypatch, fmt)
-    model = DiT.from_pretrained(fmt["path"])
+    model = load_pretrained(fmt["path"])[0]
     assert model.config == formats["cfg"] and not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, fmt["state"][k]), k

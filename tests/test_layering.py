@@ -69,3 +69,94 @@ def test_no_library_source_imports_the_cli_even_lazily():
         if hits:
             offenders[name] = hits
     assert offenders == {}
+
+
+# ---- the layer order: every library module imports only its own layer or those below it ----------------------
+# (written down once here and in the README's layout table; a package's __init__ sits with its public API)
+LAYERS: list[tuple[str, list[str]]] = [
+    ("foundation", ["esolm.errors", "esolm.config", "esolm.devices"]),
+    ("method", ["esolm.methods", "esolm.noise", "esolm.orders"]),
+    ("network", ["esolm.model"]),
+    ("persistence", ["esolm.io.atomic", "esolm.io.safe_pickle", "esolm.io.weights", "esolm.io.authors"]),
+    ("objectives and decoding", ["esolm.objectives", "esolm.likelihood", "esolm.sampling"]),
+    ("data and recipes", ["esolm.data", "esolm.recipes", "esolm.rl.tasks"]),  # rl.tasks: verifiable task data
+    ("loading", ["esolm.io.pretrained", "esolm.io"]),
+    ("applications", ["esolm.training", "esolm.evaluation", "esolm.rl", "esolm.serving", "esolm.integrations",
+                      "esolm.demo"]),
+    ("public API", ["esolm"]),
+]
+
+
+def layer_of(module: str) -> int:
+    """Index of the most specific LAYERS prefix naming ``module``."""
+    best, best_len = None, -1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+                best, best_len = i, len(p)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS (and the README)"
+    return best
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the library modules it imports (module-level and lazy imports; ``from pkg import sub`` names the
+    submodule when ``sub`` is one)."""
+    mods = library_modules()
+    graph = {}
+    for name, f in mods.items():
+        deps = set()
+        for n in _imported_names(ast.parse(f.read_text())):
+            if n in mods:
+                deps.add(n)
+            elif n.rsplit(".", 1)[0] in mods and n.startswith("esolm"):
+                deps.add(n.rsplit(".", 1)[0])
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def test_every_module_has_a_layer():
+    for name in library_modules():
+        layer_of(name)
+
+
+def test_no_module_imports_a_layer_above_it():
+    up = {}
+    for name, deps in import_graph().items():
+        if name == "esolm" or name.endswith("__init__"):
+            continue
+        bad = sorted(d for d in deps if layer_of(d) > layer_of(name) and not name.startswith(d + "."))
+        if bad:
+            up[name] = [f"{d} ({LAYERS[layer_of(d)][0]})" for d in bad]
+    assert up == {}, up
+
+
+def test_no_import_cycle_among_library_modules():
+    graph = import_graph()
+    # a package's __init__ re-exports its submodules: an edge from a submodule up to its own package is the
+    # package's public face, not a dependency of the submodule on its siblings
+    for name, deps in graph.items():
+        graph[name] = {d for d in deps if not name.startswith(d + ".")}
+    state, stack, cycles = {}, [], []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert cycles == [], cycles
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    assert layer_of("esolm.model.backbone") < layer_of("esolm.io.pretrained")
+    assert layer_of("esolm.io.weights") < layer_of("esolm.io.pretrained") < layer_of("esolm.serving.engine")
+    assert layer_of("esolm.sampling.decoders") < layer_of("esolm.data.tokenizers")

@@ -33,6 +33,7 @@ from esolm.config import ModelConfig
 from esolm.devices import resolve_device
 from esolm.errors import UserError
 from esolm.io import atomic_json, check_writable
+from esolm.methods import as_method
 from esolm.model.backbone import DiT
 
 METHODS = {
@@ -109,9 +110,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--out", default="frontier", help="output folder")
 
 
+def _method(name: str, block_size: int):
+    """The spec and sampler of benchmark entry ``name`` (BD3-LM gets ``block_size``)."""
+    method, sampler = METHODS[name]
+    if "block_size" in method:
+        method = dict(method, block_size=block_size)
+    return as_method(method), sampler
+
+
 def build_model(name: str, length: int, hidden: int, layers: int, heads: int, vocab: int, device) -> DiT:
     """A random network of the benchmark size for ``name`` (zero-initialised weights made random)."""
-    adaln = name != "ar"
+    adaln = as_method(METHODS[name][0]).is_diffusion
     cfg = ModelConfig(vocab_size=vocab, mask_id=vocab - 1 if adaln else None, hidden_size=hidden,
                       cond_dim=min(128, hidden), n_layers=layers, n_heads=heads, length=length, dropout=0.0,
                       adaln=adaln)
@@ -126,13 +135,11 @@ def _run_once(name: str, model: DiT, length: int, batch_size: int, block_size: i
     from esolm.sampling import generate
     from esolm.sampling.common import synchronize
 
-    method, sampler = METHODS[name]
-    if name == "bd3lm":
-        method = dict(method, block_size=block_size)
+    method, sampler = _method(name, block_size)
     synchronize(model.device)
     t0 = time.perf_counter()
     out = generate(model, method, num_samples=batch_size, max_length=length, seed=seed, sampler=sampler,
-                   bos_id=0 if name == "ar" else None)
+                   bos_id=0 if method.needs_start_token else None)
     return time.perf_counter() - t0, out.nfe
 
 
@@ -173,7 +180,7 @@ def run_latency(methods: list[str], lengths: list[int], batch_size: int = 1, hid
             rec = {"method": name, "length": length, "batch_size": batch_size, "nfe": nfes[name],
                    "seconds": ts[0], "median_seconds": ts[len(ts) // 2], "runs": len(ts)}
             rec.update(size)
-            if name == "bd3lm":
+            if "block_size" in METHODS[name][0]:
                 rec["block_size"] = block_size
             records.append(rec)
             if progress is not None:

@@ -291,8 +291,8 @@ class EsoLMJudge(Judge):
     encoded with the judge's own tokenizer after its BOS, in windows of at most the model's length."""
 
     def __init__(self, loaded, *, context: int | None = None, batch_size: int = 8, name: str = "esolm-ar"):
-        if loaded.method.name != "ar":
-            raise UserError(f"an esolm judge must be an AR model; {name} is {loaded.method.name}")
+        if loaded.method.is_diffusion:
+            raise UserError(f"an esolm judge must be an AR model; {name} is {loaded.method.label}")
         if loaded.tokenizer is None:
             raise UserError(f"the esolm judge {name} has no tokenizer saved with it")
         length = loaded.model.config.length

@@ -83,15 +83,15 @@ def method_from_authors(cfg: dict) -> dict:
     """The esolm method dict of an authors' config (Eso-LM variant from ``algo.diffusion_attn_mode``:
     ``causal`` -> B, ``mixed2`` -> A). Keys the config omits take the authors' yaml defaults."""
     algo = get(cfg, "algo", {}) or {}
-    name = algo.get("name")
-    if name is None:
-        name = "esolm" if "diffusion_attn_mode" in algo else ("ar" if _is_authors_ar(cfg) else "mdlm")
+    algo_name = algo.get("name")  # the authors' config field
+    if algo_name is None:
+        algo_name = "esolm" if "diffusion_attn_mode" in algo else ("ar" if _is_authors_ar(cfg) else "mdlm")
     loss_type = algo.get("loss_type", _AUTHORS_ALGO_DEFAULTS["loss_type"])
-    if name == "ar" or _is_authors_ar(cfg):
+    if algo_name == "ar" or _is_authors_ar(cfg):
         return {"name": "ar"}
-    if name == "mdlm":
+    if algo_name == "mdlm":
         return {"name": "mdlm", "low_var": loss_type == "low_var"}
-    if name == "esolm":
+    if algo_name == "esolm":
         mode = algo.get("diffusion_attn_mode", "causal")
         if mode not in _ESOLM_VARIANTS:
             raise CheckpointError(
@@ -105,7 +105,7 @@ def method_from_authors(cfg: dict) -> dict:
             "batch_split": float(algo.get("batch_split", _AUTHORS_ALGO_DEFAULTS["batch_split"])),
             "low_var": loss_type == "low_var",
         }
-    raise CheckpointError(f"authors' algorithm {name!r} is not supported (esolm, mdlm, ar)")
+    raise CheckpointError(f"authors' algorithm {algo_name!r} is not supported (esolm, mdlm, ar)")
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:

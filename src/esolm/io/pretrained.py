@@ -76,6 +76,31 @@ class LoadedModel:
         """The recipe's data section (source, split, length ...), ``{}`` when unknown."""
         return dict(self.recipe.get("data") or {})
 
+    def generate(self, prompt: str | None = None, *, num_samples: int = 1, max_tokens: int | None = None,
+                 params=None, stop_at_eos: bool = True, **knobs) -> list[str]:
+        """Text completions of ``prompt`` (plain text after the BOS; ``None``: from nothing, or from the BOS for a
+        model that needs a first token), ``max_tokens`` each (default: the rest of the model's length), decoded
+        with ``params`` / its fields as keywords (:func:`esolm.sampling.generate`); each text ends at its first
+        EOS when ``stop_at_eos``. For token ids, the trace or NFE, call :func:`esolm.sampling.generate`."""
+        from esolm.sampling.api import generate
+
+        tok = self.tokenizer
+        if tok is None:
+            raise UserError("this model has no tokenizer: pass one to load_model, or call esolm.sampling.generate "
+                            "with token ids")
+        length = self.model.config.length
+        prompt_ids = None if prompt is None else tok.encode_prompt(prompt, length)
+        p = 0 if prompt_ids is None else len(prompt_ids)
+        max_length = None if max_tokens is None else p + max_tokens
+        out = generate(self.model, self.method, num_samples, prompt_ids=prompt_ids, params=params,
+                       max_length=max_length, eos_id=tok.eos_id if stop_at_eos else None, bos_id=tok.bos_id, **knobs)
+        start = p if prompt_ids is not None or not self.method.needs_start_token else 1
+        return tok.decode_batch([row[start:] for row in out.sequences()])
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write this model, its method and tokenizer as an esolm folder (:func:`save_pretrained`)."""
+        return save_pretrained(self.model, path, self.method, tokenizer=self.tokenizer, recipe=self.recipe or None)
+
 
 @dataclass
 class _Found:
@@ -302,19 +327,27 @@ def _is_training_checkpoint(ckpt: dict) -> bool:
 
 
 def _from_training(ckpt: dict, file: Path, config: Any, use_ema: bool) -> _Found:
-    """esolm's own training checkpoint: run config, method, tokenizer and (EMA) weights."""
-    from esolm.recipes import RunConfig
+    """esolm's own training checkpoint: model config, method, tokenizer, run config and (EMA) weights.
 
+    The checkpoint stores its ``ModelConfig`` (``esolm.model_config``); a checkpoint written before it did
+    has its model config rebuilt from the run config (the one use of :mod:`esolm.recipes` here)."""
     where = str(file)
     hp, extra = ckpt["hyper_parameters"], ckpt["esolm"]
     run = hp["config"]
-    if not isinstance(authors.get(run, "data.length"), int):
-        raise CheckpointError(f"{where}: its run config does not record the trained length (data.length)")
+    stored = extra.get("model_config")
     try:
-        recipe = RunConfig.from_dict(run)
-        cfg = recipe.model_config(hp["vocab_size"], hp["mask_id"])
+        if stored is not None:
+            cfg = model_config_from_dict(stored, where)
+        else:
+            from esolm.recipes import RunConfig
+
+            if not isinstance(authors.get(run, "data.length"), int):
+                raise CheckpointError(f"{where}: its run config does not record the trained length (data.length)")
+            cfg = RunConfig.from_dict(run).model_config(hp["vocab_size"], hp["mask_id"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: an esolm training checkpoint with an invalid run config "
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: an esolm training checkpoint with an invalid model or run config "
                               f"({one_line(exc)})") from None
     if config is not None:
         cfg = _user_config(config, cfg.vocab_size, cfg.mask_id)

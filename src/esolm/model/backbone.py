@@ -409,17 +409,3 @@ class DiT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, path, method: dict | None = None, **kwargs) -> None:
-        """Write an esolm folder: safetensors weights + ``config.json`` (see :func:`esolm.io.save_pretrained`)."""
-        from esolm.io import save_pretrained
-
-        save_pretrained(self, path, method=method, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo, **kwargs) -> DiT:
-        """The model of any format :func:`esolm.io.load_model` reads: an esolm training checkpoint or folder,
-        an authors' checkpoint, Hugging Face folder or repo id (keyword arguments as ``load_pretrained``)."""
-        from esolm.io import load_pretrained
-
-        return load_pretrained(path_or_repo, **kwargs)[0]

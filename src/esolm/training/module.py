@@ -219,6 +219,7 @@ class LitEsoLM(pl.LightningModule):
     # checkpoint extras ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["esolm"] = {"consumed": self.consumed, "method": self.method.to_dict(),
+                               "model_config": self.model.config.to_dict(),
                                "tokenizer_json": self.tokenizer_json, "tokenizer_meta": self.tokenizer_meta}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
