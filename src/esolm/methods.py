@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,10 +78,17 @@ def check_temperature(temperature: Any) -> float:
     return t
 
 
-def check_positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
+def check_integer(value: Any, what: str, lo: int, hi: int | None = None, *, error: type = UserError) -> int:
+    """``value`` as an int in [lo, hi] (bools, floats and strings refused with ``error``, one line)."""
+    try:
+        v = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < lo or (hi is not None and v > hi):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise error(f"{what} must be an integer {span}, got {shown}")
+    return v
 
 
 def default_batch_split(alpha0: float) -> float:
@@ -260,7 +268,7 @@ class BD3LM(Method):
     ignore_bos: bool = False  # never mask token 0 of a sequence and leave it out of the count (bd3lms)
 
     def __post_init__(self) -> None:
-        check_positive_int(self.block_size, "bd3lm block_size")
+        check_integer(self.block_size, "bd3lm block_size", 1, error=ConfigError)
         clip = self.clip
         if clip is not None:
             try:
@@ -339,5 +347,5 @@ def model_config_for(method: Method | dict, **cfg) -> ModelConfig:
 
 
 __all__ = ["Method", "AR", "MDLM", "EsoLM", "BD3LM", "METHODS", "as_method", "require_any_order",
-           "model_config_for", "check_alpha0", "check_top_p", "check_fraction", "check_positive_int",
+           "model_config_for", "check_alpha0", "check_top_p", "check_fraction", "check_integer",
            "default_batch_split"]

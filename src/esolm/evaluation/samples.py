@@ -25,7 +25,7 @@ from esolm.errors import UserError
 from esolm.evaluation import metrics
 from esolm.io import atomic_writer, check_writable
 from esolm.likelihood import perplexity
-from esolm.methods import Method, check_positive_int
+from esolm.methods import Method, check_integer
 from esolm.sampling.api import check_request, generate, sampling_params
 from esolm.sampling.params import SamplingParams, batch_seed, max_run_seed
 
@@ -56,10 +56,10 @@ def sample_batches(model, method: Method | dict, tokenizer: Tokenizer, *, num_sa
     ``repeats > 1`` re-draws each batch with the same seed (the same samples) and keeps the fastest time:
     robust timings on a shared machine.
     """
-    num_samples = check_positive_int(num_samples, "num_samples")
-    bs = min(num_samples, DEFAULT_BATCH_SIZE if batch_size is None else check_positive_int(batch_size,
-                                                                                            "batch_size"))
-    repeats = check_positive_int(repeats, "repeats")
+    num_samples = check_integer(num_samples, "num_samples", 1)
+    bs = min(num_samples, DEFAULT_BATCH_SIZE if batch_size is None else check_integer(batch_size, "batch_size",
+                                                                                       1))
+    repeats = check_integer(repeats, "repeats", 1)
     params = sampling_params(params, **knobs)
     top = max_run_seed(-(-num_samples // bs))
     if params.seed > top:

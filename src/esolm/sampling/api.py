@@ -160,7 +160,6 @@ def sampling_params(params: SamplingParams | None = None, greedy: bool = False, 
         raise TypeError(f"unknown sampling arguments: {', '.join(unknown)}")
     if not isinstance(greedy, bool):
         raise UserError(f"greedy must be true or false, got {greedy!r}")
-    knobs = {k: v for k, v in knobs.items() if v is not None or k in ("top_p", "steps", "alpha0", "speculative")}
     if greedy:
         knobs["temperature"] = 0.0
     if params is None:

@@ -31,7 +31,7 @@ import torch
 
 from esolm.errors import UserError
 from esolm.model import masks
-from esolm.sampling.common import DIFFUSION, SEQUENTIAL, SampleResult, Step, StepCallback, Stopwatch
+from esolm.sampling.common import SampleResult, Step, StepCallback, Stopwatch
 from esolm.sampling.draw import draw
 from esolm.sampling.schedule import Plan
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 from esolm.errors import ConfigError, UserError
-from esolm.methods import Method, as_method, check_alpha0, check_top_p
+from esolm.methods import Method, as_method, check_alpha0, check_integer, check_top_p
 
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM's sampling epsilon)
 MAX_SEED = 2**63 - 1
@@ -40,19 +39,6 @@ MIN_STEP_CAP = 4096
 DRAFTS = ("fixed", "adaptive")
 DEFAULT_DRAFT = 4
 BATCH_SEED_STRIDE = 1_000_003  # batch b of a multi-batch run uses seed * stride + b
-
-
-def check_integer(value: Any, what: str, lo: int, hi: int | None = None) -> int:
-    """``value`` as an int in [lo, hi] (bools, floats and strings refused: UserError)."""
-    try:
-        v = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or v < lo or (hi is not None and v > hi):
-        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise UserError(f"{what} must be an integer {span}, got {shown}")
-    return v
 
 
 def max_steps(length: int) -> int:

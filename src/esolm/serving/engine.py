@@ -32,9 +32,10 @@ BD3-LM's in-block ancestral steps decide a different number of positions per row
 
 Requests are checked by :func:`esolm.sampling.api.prepare`, the check of ``generate`` itself, and decode with
 the same :class:`~esolm.sampling.params.SamplingParams`. With ``eos_id``, ``Finished.tokens`` are cut by
-:func:`~esolm.sampling.api.cut_at_eos` as ``generate`` cuts them, and a row leaves as soon as such an EOS precedes every position it has not decoded
-(AR: at its EOS). Requests whose prompt is empty on a model that needs a first token (AR, BD3-LM with
-``ignore_bos``) start from ``[bos_id]`` (else ``[eos_id]``): :meth:`Engine.check` puts it in the prompt.
+:func:`~esolm.sampling.api.cut_at_eos` as ``generate`` cuts them, and a row leaves as soon as such an EOS
+precedes every position it has not decoded (AR: at its EOS). Requests whose prompt is empty on a model that
+needs a first token (AR, BD3-LM with ``ignore_bos``) start from ``[bos_id]`` (else ``[eos_id]``):
+:meth:`Engine.check` puts it in the prompt.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ from esolm.errors import ConfigError, EsoLMError, UserError
 from esolm.methods import as_method
 from esolm.model import masks
 from esolm.model.backbone import FrozenConditioning
-from esolm.sampling.common import DIFFUSION, SEQUENTIAL
 from esolm.sampling.api import cut_at_eos, free_positions, generate, prepare
+from esolm.sampling.common import DIFFUSION, SEQUENTIAL
 from esolm.sampling.decoders import decoder_for
 from esolm.sampling.draw import draw_segments
 from esolm.sampling.params import SamplingParams, check_integer

@@ -81,7 +81,7 @@ TRAINING_COPIES = 5  # weights, gradients, AdamW's two moments, EMA: float32 cop
 def check_memory(cfg: RunConfig, tokenizer: Tokenizer) -> None:
     """Refuse a model whose float32 training state (weights, gradients, optimizer moments, EMA) cannot fit in
     the available host memory, before anything is allocated (the parameter count comes from the meta device)."""
-    mcfg = cfg.model_config(tokenizer.vocab_size, tokenizer.mask_id if cfg.method.is_diffusion else None)
+    mcfg = cfg.model_config(tokenizer.vocab_size, tokenizer.mask_id if cfg.method_spec().is_diffusion else None)
     params = parameter_count(mcfg)
     need = 4 * TRAINING_COPIES * params
     avail = available_memory()
@@ -230,7 +230,7 @@ def train(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepared | Non
     KeyboardInterrupt (the checkpoints on disk stay complete)."""
     p = prepared or prepare(cfg)
     pl.seed_everything(cfg.trainer.seed, verbose=False)  # initial weights
-    module = LitEsoLM(cfg.to_dict(), p.tokenizer.vocab_size, p.tokenizer.mask_id if cfg.method.is_diffusion
+    module = LitEsoLM(cfg.to_dict(), p.tokenizer.vocab_size, p.tokenizer.mask_id if cfg.method_spec().is_diffusion
                       else None, p.tokenizer.backend.to_str(), p.tokenizer.meta())
     watch = InterruptWatch()
     trainer = build_trainer(cfg, [*callbacks, watch])
