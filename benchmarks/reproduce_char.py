@@ -31,23 +31,22 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from esolm.io import atomic_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from _runs import ROOT, log, read_json, write_json  # noqa: E402
+from _runs import esolm as _esolm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
 
 # name -> (method overrides, description)
@@ -70,33 +69,9 @@ LENGTH = 128
 _lock = threading.Lock()
 
 
-def log(msg: str) -> None:
-    with _lock:
-        print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
-
-
-write_json = atomic_json  # every result file is written atomically
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def esolm(*args: str, log_path: Path, threads: int = 1) -> None:
-    """Run ``esolm ARGS`` with this interpreter and ``threads`` CPU threads; output to ``log_path``."""
-    cmd = [sys.executable, "-m", "esolm.cli", *args]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    log("$ esolm " + " ".join(shlex.quote(a) for a in args))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as f:
-        f.write(f"\n# {dt.datetime.now(dt.timezone.utc).isoformat()} esolm {' '.join(args)}\n")
-        f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"esolm {args[0]} failed (exit {r.returncode}); see {log_path}")
+def esolm(*args: str, log_path: Path) -> None:
+    """``esolm ARGS`` on one CPU thread (two jobs share the two cores)."""
+    _esolm(*args, log_path=log_path, threads=1)
 
 
 class Stages:

@@ -35,14 +35,12 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from esolm.io import atomic_json
-
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from _runs import ROOT, esolm, log, read_json, write_json  # noqa: E402
 
 # name -> (method overrides, description); the paper's ordering is AR < a0=0.125 < 0.25 < 0.5 < 1 (~ MDLM).
 MODELS: dict[str, tuple[list[str], str]] = {
@@ -60,36 +58,6 @@ FRONTIER_MODELS = ("ar", "mdlm", "bd3lm-16", "esolm-b-1", "esolm-b-0.5", "esolm-
 PAPER_ORDER = ("ar", "esolm-b-0.125", "esolm-b-0.25", "esolm-b-0.5", "esolm-b-1")  # increasing perplexity
 PROBE_MODEL = "bd3lm-4"  # the slowest training step of the set
 PROBE_STEPS = 20
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
-
-
-write_json = atomic_json  # every result file is written atomically
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def esolm(*args: str, log_path: Path | None = None) -> None:
-    """Run ``esolm ARGS`` (this interpreter) and fail loudly; output goes to ``log_path`` when given."""
-    cmd = [sys.executable, "-m", "esolm.cli", *args]
-    log("$ esolm " + " ".join(shlex.quote(a) for a in args))
-    if log_path is None:
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        return
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as f:
-        f.write(f"\n# {dt.datetime.now(dt.timezone.utc).isoformat()} esolm {' '.join(args)}\n")
-        f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if r.returncode != 0:
-        raise SystemExit(f"esolm {args[0]} failed (exit {r.returncode}); see {log_path}")
 
 
 def train_args(name: str, run_dir: Path, steps: int, warmup: int, seed: int, ckpt_every: int) -> list[str]:
