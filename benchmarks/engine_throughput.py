@@ -21,6 +21,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run(loaded, max_batch: int, n: int, seed: int = 0) -> tuple[float, int, int, dict]:
+    from esolm.sampling.params import SamplingParams
     from esolm.serving.engine import CompletionRequest, Engine
 
     model, tok = loaded.model, loaded.tokenizer
@@ -37,7 +38,7 @@ def run(loaded, max_batch: int, n: int, seed: int = 0) -> tuple[float, int, int,
     ids = []
     t0 = time.perf_counter()
     for i in range(n):
-        req = CompletionRequest(prompt_ids=prompt, max_tokens=mix[i % 3], seed=seed + i)
+        req = CompletionRequest(prompt_ids=prompt, max_tokens=mix[i % 3], params=SamplingParams(seed=seed + i))
         ids.append(engine.submit(engine.check(req), on_event))
     steps = 0
     while engine.step():

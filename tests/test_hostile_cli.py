@@ -153,6 +153,12 @@ def test_prompt_that_can_only_encode_to_the_mask_is_refused():
     (["--shuffle"], "shuffle"),
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**62)], "seed must be an integer in [0, "),
+    (["--steps", "1000000000"], "steps (for a sequence of 32 tokens) must be an integer in [1, 4096]"),
+    (["--sampler", "strided", "--steps", str(10**12)], "steps (for a sequence of 32 tokens)"),
+    (["--speculative", "1000000"], "speculative (the draft length; the sequence has 32 tokens)"),
+    (["--speculative", str(10**30)], "speculative"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--draft", "wide"], "--draft"),
 ])
 def test_bad_sampling_arguments(ws, capsys, argv, needle):
     out = ws["root"] / "never.jsonl"
@@ -418,6 +424,15 @@ BAD_REQUESTS = {
     "sampler_unknown": dict(sampler="nope"),
     "sampler_not_a_string": dict(sampler=None),
     "seed_float": dict(seed=0.5),
+    "seed_negative": dict(seed=-1),
+    "seed_2_to_63": dict(seed=2**63),  # s and s + 2**63 would seed torch alike: refused, not aliased
+    "steps_a_billion": dict(steps=10**9),
+    "strided_steps_huge": dict(sampler="strided", steps=10**12),
+    "speculative_huge": dict(speculative=10**6),
+    "speculative_overflow": dict(speculative=10**30),
+    "temperature_negative": dict(temperature=-0.5),
+    "temperature_nan": dict(temperature=float("nan")),
+    "greedy_not_bool": dict(greedy="yes"),
 }
 
 
