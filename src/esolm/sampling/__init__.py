@@ -31,7 +31,8 @@ from esolm.sampling.schedule import (
 from esolm.sampling.speculative import sample_speculative
 
 __all__ = [
-    "GenerationOutput", "generate", "SamplingParams", "Step", "decoder_for", "SampleResult", "Plan", "binomial_counts", "plan_binomial",
+    "GenerationOutput", "generate", "SamplingParams", "Step", "decoder_for",
+    "SampleResult", "Plan", "binomial_counts", "plan_binomial",
     "plan_from_counts", "plan_one_per_step", "plan_strided", "random_order", "draw", "top_p_filter",
     "sample_esolm_a", "sample_esolm_b", "sample_mdlm", "sample_ar", "sample_bd3", "sample_speculative",
 ]
