@@ -34,7 +34,8 @@ def test_underflowing_temperatures_decode_greedily(t):
     ("temperature", -1, "temperature must be >= 0"), ("temperature", float("inf"), "finite"),
     ("temperature", "hot", "number"), ("top_p", 0.0, "top_p"), ("seed", -1, "seed"), ("seed", MAX_SEED + 1, "seed"),
     ("seed", 1.5, "seed"), ("steps", 0, "steps"), ("steps", True, "steps"), ("alpha0", 2, "alpha0"),
-    ("sampler", "", "sampler"), ("shuffle", 1, "shuffle"), ("draft", "wide", "draft"), ("speculative", 1, "speculative"),
+    ("sampler", "", "sampler"), ("shuffle", 1, "shuffle"), ("draft", "wide", "draft"),
+    ("speculative", 1, "speculative"),
 ])
 def test_bad_values_are_one_line_user_errors(field, value, needle):
     with pytest.raises(UserError, match=needle) as e:
