@@ -126,11 +126,11 @@ def hide_padding(mask: Tensor, key_valid: Tensor | None) -> Tensor | None:
     return (base & key_valid[:, None, None, :]) | eye
 
 
-def _valid(x0: Tensor, valid: Tensor | None) -> Tensor | None:
+def _valid(x0: Tensor, valid: Tensor | None, what: str = "valid") -> Tensor | None:
     if valid is None:
         return None
     if valid.shape != x0.shape:
-        raise UserError(f"valid mask shape {tuple(valid.shape)} != tokens shape {tuple(x0.shape)}")
+        raise UserError(f"{what} mask shape {tuple(valid.shape)} != tokens shape {tuple(x0.shape)}")
     return valid.bool()
 
 
@@ -185,9 +185,9 @@ class Objective:
         draws are the training loss's: times antithetic over the rows from ``times`` (default ``generator``),
         masks and orders from ``generator``. To average ``m`` draws of ``R`` rows, tile them (``x0.repeat(m,
         1)``: row ``j * R + r`` is draw ``j`` of row ``r``) so each row's ``m`` times fall one in each ``1/m``
-        stratum, and average ``out.view(m, R)`` over dim 0."""
+        stratum, and average ``out.view(m, R)`` over dim 0. AR has no draws: its value is the exact NLL."""
         valid = _valid(x0, valid)
-        maskable = _valid(x0, maskable)
+        maskable = _valid(x0, maskable, "maskable")
         if maskable is None:
             raise UserError("conditional_nelbo needs the maskable tokens (a [B, L] boolean mask)")
         if valid is not None:
