@@ -27,6 +27,9 @@ from esolm.methods import model_config_for  # noqa: E402
 from esolm.model import masks  # noqa: E402
 from esolm.model.backbone import DiT  # noqa: E402
 from esolm.noise import EPS  # noqa: E402
+from esolm.objectives import build_objective  # noqa: E402
+from esolm.sampling import generate  # noqa: E402
+from esolm.sampling.params import SamplingParams  # noqa: E402
 
 LENGTH = 32
 METHODS = {
@@ -35,6 +38,7 @@ METHODS = {
     "ar": {"name": "ar"},
     "mdlm": {"name": "mdlm"},
     "bd3": {"name": "bd3lm", "block_size": 4},
+    "bd3bos": {"name": "bd3lm", "block_size": 4, "ignore_bos": True},
 }
 
 
@@ -188,14 +192,15 @@ def test_iw_orders_estimate(models):
         assert abs(float(est.mean()) - expected[k - 1]) < 4 * se + 1e-9
 
 
-@pytest.mark.parametrize("name, kw", [("mdlm0", {}), ("esoA0", {}), ("bd30", {}), ("eso0", {"estimator": "mc"})])
+@pytest.mark.parametrize("name, kw", [("mdlm0", {}), ("esoA0", {}), ("bd30", {}), ("eso0", {"estimator": "mc"}),
+                                      ("mdlm0", {"mc_num": 200})])  # 200: two passes of draws
 def test_mc_nelbo_of_uniform_model(models, name, kw):
     """Uniform predictions over V - 1 tokens: every method's conditional NELBO has expectation
     n * (1 - eps * alpha0) * log(V - 1) (the ELBO weight times the masking rate is -alpha'_t)."""
-    lm = EsoLMLM(pretrained=str(models[name]), mc_num=32, batch_size=2, seed=3, **kw)
+    lm = EsoLMLM(pretrained=str(models[name]), batch_size=2, seed=3, **{"mc_num": 32, **kw})
     ctx, cont = lm.tok_encode("The old city"), lm.tok_encode(" of the north")
     ests = torch.tensor([-ll for ll, _ in lm._loglikelihood_tokens([(None, ctx, cont)] * 8)], dtype=torch.float64)
-    a0 = lm.method.alpha0 if lm.method.name == "esolm" else 1.0
+    a0 = lm.method.alpha0 if lm.method.takes_alpha0 else 1.0
     want = len(cont) * (1 - EPS * a0) * math.log(lm.tok.vocab_size - 1)
     assert float(ests.std()) > 0  # seeded draws differ across requests
     assert abs(float(ests.mean()) - want) < 4 * float(ests.std()) / math.sqrt(8) + 1e-3 * want
@@ -267,6 +272,13 @@ def test_cli_runs_lm_eval(models, lm_eval_logs_to_capsys):
     ("pretrained={m},mc_num=many", "mc_num='many' must be int"),
     ("pretrained={m}/missing", "no such file or folder"),
     ("pretrained={m},batch_size=4", "give --batch_size as lm-eval options"),
+    ("pretrained={m},orders=100000000", "orders must be an integer in [1, 10000], got 100000000"),
+    ("pretrained={m},orders=100000", "orders must be an integer in [1, 10000], got 100000"),
+    ("pretrained={m},estimator=mc,mc_num=100000000", "mc_num must be an integer in [1, 10000]"),
+    ("pretrained={m},seed=10000000000000000000000000", "seed must be an integer in [0, 9223372036854775807]"),
+    ("pretrained={m},seed=-1", "seed must be an integer in [0, 9223372036854775807]"),
+    ("pretrained={m},temperature=-1", "temperature must be >= 0"),
+    ("pretrained={m},top_p=0", "top_p must lie in (0, 1]"),
 ])
 def test_bad_model_args_one_line(models, lm_eval_logs_to_capsys, args, msg):
     capsys = lm_eval_logs_to_capsys
@@ -285,9 +297,175 @@ def test_cli_prints_tasks_dir(capsys):
 
 
 def test_model_args_checked_before_loading():
-    with pytest.raises(UserError, match="must be >= 1"):
+    with pytest.raises(UserError, match=r"orders must be an integer in \[1, 10000\], got 0"):
         EsoLMLM(pretrained="/nonexistent", orders=0)
     with pytest.raises(UserError, match="need pretrained"):
         EsoLMLM(batch_size=2)
     with pytest.raises(UserError, match="estimator must be auto or mc"):
         EsoLMLM(pretrained="/nonexistent", estimator="iw")
+
+
+# ---------------------------------------------------------------------------------------------- one implementation
+
+
+def _masks_of_passes(model, n: int) -> list[torch.Tensor]:
+    """Record the noised half ``x_t`` (natural positions) of every ``[x_t ; x_0]`` pass of a BD3-LM model."""
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[0][:, :args[0].shape[1] // 2]))
+    return seen
+
+
+def test_bd3_ignore_bos_never_masks_position_0_in_monte_carlo_score(models):
+    """lm-eval's Monte-Carlo score is the objective's: a BD3-LM model trained with ignore_bos never has position 0
+    masked, even when the scored span starts there (the forked scorer masked it), while the model without the flag
+    does under the same draws."""
+    got = {}
+    for name in ("bd3bos", "bd3"):
+        lm = EsoLMLM(pretrained=str(models[name]), mc_num=64, seed=1)
+        seen = _masks_of_passes(lm.model, LENGTH)
+        ids = lm.tok_encode("The old city of the north")
+        with torch.no_grad():  # the whole row scored: position 0 too
+            lm._mc_nelbo(_batch_of(lm, [(ids, len(ids))]))
+        (xt,) = seen
+        got[name] = xt == lm.tok.mask_id
+    assert not got["bd3bos"][:, 0].any() and got["bd3bos"][:, 1:].any()
+    assert got["bd3"][:, 0].sum() > 8
+    assert torch.equal(got["bd3bos"][:, 1:], got["bd3"][:, 1:])  # nothing else changes
+
+
+def _batch_of(lm, rows):
+    from esolm.integrations.lm_eval import _batch
+
+    return _batch(rows, lm.tok.pad_id, lm.model.device)
+
+
+@pytest.mark.parametrize("name", ["mdlm", "bd3bos", "esoA"])
+def test_mc_score_is_the_objectives_conditional_nelbo(models, name):
+    """The Monte-Carlo loglikelihood is minus the mean of Objective.conditional_nelbo over mc_num tiled draws
+    (context clean, the continuation maskable), drawn from the model's seed."""
+    lm = lm64(models[name], mc_num=5, seed=7)
+    ctx, cont = lm.tok_encode("The old city"), lm.tok_encode(" of the north")
+    ((ll, greedy),) = lm._loglikelihood_tokens([(None, ctx, cont)])
+    x = torch.tensor([ctx + cont]).repeat(5, 1)
+    maskable = torch.zeros_like(x, dtype=torch.bool)
+    maskable[:, len(ctx):] = True
+    with torch.no_grad():
+        want = build_objective(lm.method).conditional_nelbo(lm.model, x, torch.ones_like(maskable), maskable,
+                                                            torch.Generator().manual_seed(7)).mean()
+    assert ll == pytest.approx(-float(want), rel=1e-12) and greedy is False
+
+
+# ---------------------------------------------------------------------------------------------- generation params
+
+
+@pytest.mark.parametrize("name", ["ar", "eso"])
+def test_generate_until_honours_temperature_and_top_p(models, name):
+    """The task's temperature / top_p (over the model_args' defaults) decode exactly as generate does with those
+    params; they change what is sampled."""
+    lm = EsoLMLM(pretrained=str(models[name]), seed=3, temperature=0.5)
+    prompt = lm.tok_encode("The river")
+
+    def sample(**params):
+        res = generate(lm.model, lm.method, prompt_ids=[prompt], params=SamplingParams(seed=3, **params),
+                       max_length=len(prompt) + 12, eos_id=lm.tok.eos_id)
+        return lm.tok.decode(res.tokens[0, len(prompt):].tolist())
+
+    def lm_sample(**gen_kwargs):
+        req = Instance("generate_until", {}, ("The river", {"until": [], "max_gen_toks": 12, **gen_kwargs}), 0)
+        return lm.generate_until([req])[0]
+
+    cases = {"hot": ({"temperature": 2.0}, {"temperature": 2.0}),
+             "nucleus": ({"temperature": 1.5, "top_p": 0.3}, {"temperature": 1.5, "top_p": 0.3}),
+             "default": ({}, {"temperature": 0.5}),  # the model_args' temperature
+             "greedy": ({"do_sample": False, "temperature": 2.0}, {"temperature": 0.0})}
+    texts = {}
+    for case, (gen_kwargs, params) in cases.items():
+        texts[case] = lm_sample(**gen_kwargs)
+        assert texts[case] == sample(**params), case
+    assert len(set(texts.values())) == len(texts)
+
+
+# ---------------------------------------------------------------------------------------------- hostile requests
+
+
+def test_orders_and_draws_bounded_per_forward_pass(models, monkeypatch):
+    """orders and mc_num above one pass's share are evaluated DRAWS_PER_PASS per request per pass (memory bounded
+    by batch_size x DRAWS_PER_PASS rows); the orders give the values of one unchunked pass (the same orders; the
+    chunked Monte-Carlo mean is checked against its expectation in test_mc_nelbo_of_uniform_model)."""
+    import esolm.integrations.lm_eval as mod
+
+    reqs = [(None, [5, 6, 7], [8, 9, 10]), (None, [6, 7], [8, 9, 10])]
+    for name, kw in (("eso", {"orders": 300}), ("mdlm", {"mc_num": 300})):
+        values, rows = {}, {}
+        for per_pass in (128, 1000):
+            monkeypatch.setattr(mod, "DRAWS_PER_PASS", per_pass)
+            lm = lm64(models[name], batch_size=2, seed=4, **kw)
+            seen = rows[per_pass] = []
+            lm.model.register_forward_pre_hook(lambda mod_, args, seen=seen: seen.append(args[0].shape[0]))
+            values[per_pass] = [ll for ll, _ in lm._loglikelihood_tokens(reqs)]
+        assert max(rows[128]) == 2 * 128 and max(rows[1000]) == 2 * 300
+        if "orders" in kw:
+            assert values[128] == pytest.approx(values[1000], rel=1e-9)
+
+
+def test_special_token_strings_are_plain_text(models):
+    """``<|mask|>`` in a context or a continuation is text: never the mask id fed to the model, and it scores as
+    ordinary tokens (the mask id scored about -1e6)."""
+    lm = lm64(models["eso"])
+    assert lm.tok.mask_id not in lm.tok_encode("a <|mask|> b <|endoftext|>")
+    seen = []
+    real = lm._loglikelihood_tokens
+    lm._loglikelihood_tokens = lambda reqs, **kw: seen.extend(reqs) or real(reqs, **kw)
+    (ll1, _), (ll2, _) = lm.loglikelihood(ll_requests([("The <|mask|> river", " city"), ("The river", "<|mask|>")]))
+    assert all(lm.tok.mask_id not in c + x for _, c, x in seen)
+    assert -100 * len(seen[1][2]) < ll2 < 0 and -100 < ll1 < 0
+
+
+@pytest.mark.parametrize("where", ["context", "continuation", "rolling", "generate"])
+def test_lone_surrogate_is_one_user_error(models, where):
+    lm = lm64(models["eso"])
+    bad = "The \ud800 river"
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        if where == "context":
+            lm.loglikelihood(ll_requests([("ok", " fine"), (bad, " city")]))
+        elif where == "continuation":
+            lm.loglikelihood(ll_requests([("", bad)]))
+        elif where == "rolling":
+            lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (bad,), 0)])
+        else:
+            lm.generate_until([Instance("generate_until", {}, (bad, {"until": []}), 0)])
+
+
+def test_empty_request_refused(models):
+    lm = lm64(models["eso"])
+    with pytest.raises(UserError, match="request 1 has an empty context and a continuation of no tokens"):
+        lm.loglikelihood(ll_requests([("The", " river"), ("", "")]))
+    ((ll, greedy),) = lm.loglikelihood(ll_requests([("The river", "")]))  # nothing to score after a context
+    assert ll == 0.0 and greedy is True
+
+
+@pytest.mark.parametrize("gen_kwargs, msg", [
+    ({"max_gen_toks": -5}, "request 1: max_gen_toks must be an integer >= 1, got -5"),
+    ({"max_gen_toks": 0}, "request 1: max_gen_toks must be an integer >= 1, got 0"),
+    ({"temperature": -1.0}, "request 1: temperature must be >= 0"),
+    ({"top_p": 1.5}, "request 1: top_p must lie in (0, 1]"),
+    ({"until": [None]}, "request 1: until must be a string or a list of strings"),
+])
+def test_bad_generation_options_refused_before_generating(models, monkeypatch, gen_kwargs, msg):
+    import esolm.sampling
+
+    lm = EsoLMLM(pretrained=str(models["ar"]))
+    calls = []
+    monkeypatch.setattr(esolm.sampling, "generate", lambda *a, **k: calls.append(1))
+    reqs = [Instance("generate_until", {}, ("The river", {"until": []}), 0),
+            Instance("generate_until", {}, ("The river", {"until": [], **gen_kwargs}), 1)]
+    with pytest.raises(UserError) as e:
+        lm.generate_until(reqs)
+    assert msg in str(e.value) and "max_length" not in str(e.value)
+    assert not calls
+
+
+def test_seed_out_of_range_refused(models):
+    for seed in (10**25, -1, 2**63):
+        with pytest.raises(UserError, match=r"seed must be an integer in \[0, 9223372036854775807\]"):
+            EsoLMLM(pretrained=str(models["eso"]), seed=seed)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from esolm.config import ConfigError
+from esolm.errors import UserError
 from esolm.methods import as_method, model_config_for
 from esolm.model import masks
 from esolm.model.backbone import DiT
@@ -371,3 +372,149 @@ def test_objectives_keep_model_mode_and_backprop(method):
     build_objective(method)(model, tokens(4, 8), generator=gen(3))
     assert not model.training
     assert math.isfinite(out.loss.item())
+
+
+# ---------------------------------------------------------------------------------------------- fixed values
+
+# (summed NLL, token count) of every term for the draws below, recorded from the objectives before their term
+# functions were factored to also serve the per-row conditional score (float64 model: reproducible to 1e-12).
+RECORDED = {
+    "ar": ({"name": "ar"}, True, {"ar": (78.98169501736842, 22)}),
+    "mdlm": ({"name": "mdlm"}, True, {"mdm": (71.997779823343, 26)}),
+    "mdlm_lowvar": ({"name": "mdlm", "low_var": True}, True, {"mdm": (51.20270685188513, 26)}),
+    "eso_b": ({"name": "esolm", "variant": "B", "alpha0": 0.5}, True,
+              {"mdm": (20.757506055187775, 14), "ar": (28.497434229686046, 12)}),
+    "eso_b_lowvar": ({"name": "esolm", "variant": "B", "alpha0": 0.25, "low_var": True}, True,
+                     {"mdm": (38.3495553333899, 14), "ar": (36.54763072337926, 12)}),
+    "eso_a": ({"name": "esolm", "variant": "A", "alpha0": 0.5, "batch_split": 0.25}, True,
+              {"mdm": (12.43393987408946, 8), "ar": (39.79100166198854, 18)}),
+    "bd3": ({"name": "bd3lm", "block_size": 2}, True, {"mdm": (89.60913971710261, 26)}),
+    "bd3_clip": ({"name": "bd3lm", "block_size": 4, "clip": [0.3, 0.8]}, True, {"mdm": (83.26297345406309, 26)}),
+    "bd3_bos": ({"name": "bd3lm", "block_size": 2, "ignore_bos": True, "clip": [0.2, 0.9]}, True,
+                {"mdm": (79.35929729530596, 22)}),
+    "bd3_bos_eval": ({"name": "bd3lm", "block_size": 2, "ignore_bos": True}, False, {"mdm": (74.86115806660725, 22)}),
+}
+
+
+@pytest.mark.parametrize("case", RECORDED)
+def test_training_losses_unchanged(case):
+    """Padding, a second rank and a separate time generator: every term's value and count as recorded."""
+    method, training, want = RECORDED[case]
+    model = tiny_model(method)
+    x = tokens(4, 8, seed=5)
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[1, 6:] = False
+    valid[3, 4:] = False
+    with torch.no_grad():
+        out = build_objective(method).train(training)(model, x, valid, generator=gen(13), rank=1, world_size=2,
+                                                      time_generator=gen(21))
+    assert set(out.terms) == set(want)
+    for k, (nll, n) in want.items():
+        assert float(out.terms[k][0]) == pytest.approx(nll, rel=1e-12, abs=0)
+        assert int(out.terms[k][1]) == n
+
+
+# ---------------------------------------------------------------------------------------------- conditional score
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[1, 6:] = False
+    return valid
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "mdlm"},
+    {"name": "bd3lm", "block_size": 2},
+    {"name": "bd3lm", "block_size": 4, "clip": [0.3, 0.8]},
+    {"name": "esolm", "variant": "B", "alpha0": 1.0},
+    {"name": "esolm", "variant": "A", "alpha0": 1.0},
+    {"name": "esolm", "variant": "B", "alpha0": 0.0},
+    {"name": "esolm", "variant": "A", "alpha0": 0.0},
+], ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_conditional_nelbo_with_every_token_maskable_is_the_evaluation_loss(method):
+    """maskable = valid: the per-row scores sum to the evaluation loss's NLL for the same draws (one
+    implementation; at alpha0 = 1 Eso-LM's sequential term masks nothing, at 0 its diffusion weight is 0 and its
+    sequential term is deterministic), even on an objective left in training mode (the ELBO weights, no clip)."""
+    model = tiny_model(method)
+    x = tokens(3, 8)
+    valid = _padded(x)
+    obj = build_objective(method)
+    with torch.no_grad():
+        want = obj.eval()(model, x, valid, generator=gen(4)).loss * int(valid.sum())
+        got = obj.train().conditional_nelbo(model, x, valid, valid, gen(4))
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    assert float(got.sum()) == pytest.approx(float(want), rel=1e-9)
+    assert obj.training
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "mdlm"},
+    {"name": "bd3lm", "block_size": 2},
+    {"name": "bd3lm", "block_size": 4, "ignore_bos": True},
+    {"name": "esolm", "variant": "B", "alpha0": 0.5},
+    {"name": "esolm", "variant": "A", "alpha0": 0.5},
+], ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_conditional_nelbo_masks_only_maskable_tokens(method):
+    """Every pass the score runs masks only maskable valid tokens (never the context, the padding, or BD3-LM's
+    position 0 with ignore_bos), and masks each maskable position in some row; rows of any width (BD3-LM pads
+    blocks)."""
+    model = tiny_model(method)
+    seen = []  # every pass's (input ids, rotary positions or None)
+    model.register_forward_pre_hook(lambda mod, args, kw: seen.append((args[0], kw.get("positions"))),
+                                    with_kwargs=True)
+    x = tokens(64, 7, seed=3)  # 7 tokens: not a whole number of BD3-LM blocks
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[::2, 6] = False
+    maskable = torch.zeros_like(valid)
+    maskable[:, 3:] = True  # context: positions 0-2
+    if method.get("ignore_bos"):
+        maskable[:, 0] = True  # asked for, refused
+    with torch.no_grad():
+        out = build_objective(method).conditional_nelbo(model, x, valid, maskable, gen(1))
+    assert out.shape == (64,) and torch.isfinite(out).all() and (out >= 0).all() and (out > 0).any()
+    allowed = maskable & valid
+    if method.get("ignore_bos"):
+        allowed[:, 0] = False
+    hit = torch.zeros_like(allowed)
+    n = x.shape[1]
+    for ids, pos in seen:
+        w = ids.shape[1] // 2 if ids.shape[1] > n else ids.shape[1]  # [x_t ; x_0] passes: the noised half
+        pos = torch.arange(w).expand(64, w) if pos is None else pos[:, :w]
+        is_mask = torch.zeros(64, w, dtype=torch.bool).scatter(1, pos, ids[:, :w] == MASK)[:, :n]
+        assert not (is_mask & ~allowed).any()
+        hit |= is_mask
+    assert torch.equal(hit.any(0), allowed.any(0))  # every maskable position is masked in some row
+
+
+def test_ar_conditional_nelbo_and_exact_token_logprobs_are_the_causal_chain():
+    """AR: each maskable token given the tokens before it, one pass each by hand; exact_token_logprobs gives the
+    same per-token values (0 at position 0 and at padding) and refuses orders and methods that only bound."""
+    from esolm.likelihood import exact_token_logprobs
+
+    model = tiny_model({"name": "ar"})
+    x = tokens(2, 8)
+    valid = _padded(x)
+    maskable = torch.zeros_like(valid)
+    maskable[:, 3:] = True
+    with torch.no_grad():
+        got = build_objective({"name": "ar"}).conditional_nelbo(model, x, valid, maskable, gen(0))
+        ll, best = exact_token_logprobs(model, {"name": "ar"}, x, valid)
+        for b in range(2):
+            want = []
+            for i in range(8):
+                if i:  # no mask token: a plain log-softmax
+                    causal = torch.tril(torch.ones(i, i, dtype=torch.bool))[None, None]
+                    lp = torch.log_softmax(model(x[b:b + 1, :i], mask=causal)[0, -1].double(), -1)
+                want.append(float(lp[x[b, i]]) if i and valid[b, i] else 0.0)
+                if i and valid[b, i]:
+                    assert bool(best[b, i]) == (int(lp.argmax()) == int(x[b, i]))
+            assert ll[b].tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
+            n = int(valid[b].sum())
+            assert float(got[b]) == pytest.approx(-sum(want[3:n]), rel=1e-12)
+    with pytest.raises(UserError, match="position 0"):
+        build_objective({"name": "ar"}).conditional_nelbo(model, x, valid, torch.ones_like(valid))
+    with pytest.raises(UserError, match="left to right only"):
+        exact_token_logprobs(model, {"name": "ar"}, x, order=torch.arange(8).expand(2, 8))
+    with pytest.raises(UserError, match="no exact likelihood"):
+        exact_token_logprobs(tiny_model({"name": "mdlm"}), {"name": "mdlm"}, x)

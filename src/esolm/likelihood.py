@@ -9,6 +9,8 @@ importance-weighted bound over orders (METHOD.md section 4).
   own rotary position, and the clean tokens earlier in the order).
 * :func:`iw_bound` averages K such orders in probability space:
   ``-log (1/K) sum_k exp(ll_k)``, an upper bound on ``-log p(x)`` that decreases in K.
+* :func:`exact_token_logprobs` is the exact per-token scorer of every method with ``exact_likelihood``: AR's
+  one causal pass, Eso-LM (B)'s one sequential pass (:func:`order_token_logprobs`) in any order.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from esolm.errors import UserError
 from esolm.methods import Method, as_method, require_any_order
 from esolm.model import masks
-from esolm.objectives import LossOutput, Objective, build_objective, hide_padding, token_nll
+from esolm.objectives import LossOutput, Objective, build_objective, causal_logits, hide_padding, token_nll
 from esolm.orders import sample_orders
 
 Tensor = torch.Tensor
@@ -125,6 +127,39 @@ def order_token_logprobs(model, x0: Tensor, order: Tensor, valid: Tensor | None 
         return ll
     best = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf")).argmax(-1)
     return ll, best == x_s
+
+
+def exact_token_logprobs(model, method: Method | dict, x0: Tensor, valid: Tensor | None = None,
+                         order: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exact ``log p(x_l | x_<l)`` of every token, float64 ``[B, L]``, and whether each token is the argmax of
+    its conditional (mask excluded), ``[B, L]`` bool, for a method with ``exact_likelihood``.
+
+    Any-order methods (Eso-LM (B)) score in ``order`` (default left to right) from one 2L pass, the values in
+    step positions (:func:`order_token_logprobs`); the others (AR) only left to right, from one causal pass,
+    where position 0 (which nothing predicts) gets 0 and True. Padded tokens (``valid`` False) get 0.
+    UserError/ConfigError for a method whose likelihood is only a bound, or an order AR cannot follow."""
+    method = as_method(method)
+    if not method.exact_likelihood:
+        raise UserError(f"{method.label} has no exact likelihood (its Monte-Carlo NELBO is a bound: "
+                        "Objective.conditional_nelbo)")
+    if method.any_order:
+        if order is None:
+            order = torch.arange(x0.shape[1], device=x0.device).expand_as(x0)
+        return order_token_logprobs(model, x0, order, valid, method, with_greedy=True)
+    if order is not None:
+        raise UserError(f"{method.label} scores left to right only; it takes no order")
+    mask_id = getattr(model.config, "mask_id", None)
+    logits = causal_logits(model, x0, valid)
+    tgt = x0[:, 1:]
+    ll = torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)
+    ll[:, 1:] = -token_nll(logits, tgt, mask_id).double()
+    if mask_id is not None:
+        logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    best = torch.ones(x0.shape, dtype=torch.bool, device=x0.device)
+    best[:, 1:] = logits.argmax(-1) == tgt
+    if valid is not None:
+        ll = ll * valid.bool()
+    return ll, best
 
 
 def anyorder_loglik(model, x0: Tensor, order: Tensor, valid: Tensor | None = None,

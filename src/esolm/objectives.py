@@ -19,6 +19,13 @@ Eso-LM's two terms share one network. The first ``round(kappa * B)`` sequences o
 term (diffusion phase: tokens sorted clean-first, causal attention for (B), prefix-LM for (A)), the rest
 the AR term (sequential phase: ``[z0_sorted ; x0_sorted]`` with the sequential mask, logits from the
 z-half). Each term is normalised over its own sub-batch and the two are summed.
+
+:meth:`Objective.conditional_nelbo` scores rows instead of training on them: the negative ELBO of the
+``maskable`` tokens of each row given the others (kept clean), float64 ``[B]``, always with the ELBO weights
+(lm-eval's Monte-Carlo ``loglikelihood``). It runs the same term functions as the training loss (the same
+draws, masks and network passes), only with fewer tokens allowed to be masked and per-row sums: for Eso-LM its
+diffusion term at the model's alpha0 plus its sequential term on every row; for BD3-LM ``ignore_bos`` keeps
+position 0 clean; for AR it is the exact NLL of the maskable tokens, each given the tokens before it.
 """
 
 from __future__ import annotations
@@ -119,11 +126,11 @@ def hide_padding(mask: Tensor, key_valid: Tensor | None) -> Tensor | None:
     return (base & key_valid[:, None, None, :]) | eye
 
 
-def _valid(x0: Tensor, valid: Tensor | None) -> Tensor | None:
+def _valid(x0: Tensor, valid: Tensor | None, what: str = "valid") -> Tensor | None:
     if valid is None:
         return None
     if valid.shape != x0.shape:
-        raise UserError(f"valid mask shape {tuple(valid.shape)} != tokens shape {tuple(x0.shape)}")
+        raise UserError(f"{what} mask shape {tuple(valid.shape)} != tokens shape {tuple(x0.shape)}")
     return valid.bool()
 
 
@@ -168,31 +175,92 @@ class Objective:
     def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def conditional_nelbo(self, model, x0: Tensor, valid: Tensor | None, maskable: Tensor,
+                          generator: torch.Generator | None = None,
+                          times: torch.Generator | None = None) -> Tensor:
+        """One-draw negative ELBO of each row's ``maskable`` tokens given its other tokens, float64 ``[B]`` nats.
+
+        The other valid tokens stay clean (the context); padding (``valid`` False) is hidden and never masked;
+        the weights are the ELBO's whatever ``self.training`` says (no low-variance weight, no clipping). The
+        draws are the training loss's: times antithetic over the rows from ``times`` (default ``generator``),
+        masks and orders from ``generator``. To average ``m`` draws of ``R`` rows, tile them (``x0.repeat(m,
+        1)``: row ``j * R + r`` is draw ``j`` of row ``r``) so each row's ``m`` times fall one in each ``1/m``
+        stratum, and average ``out.view(m, R)`` over dim 0. AR has no draws: its value is the exact NLL."""
+        valid = _valid(x0, valid)
+        maskable = _valid(x0, maskable, "maskable")
+        if maskable is None:
+            raise UserError("conditional_nelbo needs the maskable tokens (a [B, L] boolean mask)")
+        if valid is not None:
+            maskable = maskable & valid
+        return self.conditional(model, x0, valid, maskable, generator, generator if times is None else times)
+
+    def conditional(self, model, x0, valid, maskable, generator, times) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
 
 # --------------------------------------------------------------------------------------------------
 # AR
 # --------------------------------------------------------------------------------------------------
 
 
+def causal_logits(model, x0: Tensor, valid: Tensor | None) -> Tensor:
+    """Logits ``[B, L - 1, V]`` of ``x0[:, 1:]``, each from the tokens before it: one causal pass over
+    ``x0[:, :-1]``, padding hidden (AR's training pass and its exact likelihood)."""
+    inp = x0[:, :-1]
+    mask = masks.causal(inp.shape[1], x0.device)
+    if valid is not None:
+        mask = hide_padding(mask, valid[:, :-1])
+    return model(inp, mask=mask)
+
+
 class ARObjective(Objective):
     """Next-token prediction: ``x0[:, :-1] -> x0[:, 1:]`` under a causal mask (tokens: L - 1 per row)."""
 
     def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
-        inp, tgt = x0[:, :-1], x0[:, 1:]
-        mask = masks.causal(inp.shape[1], x0.device)
-        tv = None
-        if valid is not None:
-            mask = hide_padding(mask, valid[:, :-1])
-            tv = valid[:, 1:] & valid[:, :-1]
-        nll = token_nll(model(inp, mask=mask), tgt, model.config.mask_id)
+        tgt = x0[:, 1:]
+        tv = None if valid is None else valid[:, 1:] & valid[:, :-1]
+        nll = token_nll(causal_logits(model, x0, valid), tgt, model.config.mask_id)
         if tv is not None:
             nll = nll * tv
         return LossOutput({"ar": (nll.sum(), _count(tgt, tv))})
+
+    def conditional(self, model, x0, valid, maskable, generator, times) -> Tensor:
+        """Exact: ``-sum log p(x_l | x_<l)`` over the maskable positions (position 0, which nothing predicts,
+        is refused)."""
+        if bool(maskable[:, 0].any()):
+            raise UserError("an AR model cannot score position 0 (no token before it predicts it)")
+        nll = token_nll(causal_logits(model, x0, valid), x0[:, 1:], model.config.mask_id).double()
+        return (nll * maskable[:, 1:]).sum(1)
 
 
 # --------------------------------------------------------------------------------------------------
 # MDM term (MDLM, Eso-LM diffusion phase) and AR term (Eso-LM sequential phase)
 # --------------------------------------------------------------------------------------------------
+
+
+def _mdm_draw(model, x0: Tensor, valid: Tensor | None, maskable: Tensor | None, generator, times,
+              rank: int, world_size: int, schedule: LogLinearSchedule, attention: str) -> tuple[Tensor, Tensor]:
+    """One diffusion draw per row: antithetic times ``t`` [B] from ``times``, masks (only where ``maskable``)
+    and the clean-first order from ``generator``; returns the unweighted masked-token NLL [B, L] (in the pass's
+    token order) and ``t``."""
+    b, n = x0.shape
+    mask_id = _mask_id(model)
+    t = antithetic_times(b, times, rank, world_size, device=x0.device)
+    is_mask = uniform((b, n), generator, x0.device) < schedule.mask_prob(t)[:, None]
+    if maskable is not None:
+        is_mask &= maskable
+    xt = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
+    if attention == "bidirectional":
+        logits = model(xt, mask=hide_padding(None, valid) if valid is not None else None)
+        return token_nll(logits, x0, mask_id) * is_mask, t
+    sort_idx = sort_clean_first(is_mask, generator)
+    if attention == "causal":
+        mask = masks.causal(n, x0.device)
+    else:
+        mask = masks.prefix_lm((~is_mask).sum(1), n, x0.device)
+    vs = None if valid is None else valid.gather(1, sort_idx)
+    logits = model(xt.gather(1, sort_idx), positions=sort_idx, mask=hide_padding(mask, vs))
+    return token_nll(logits, x0.gather(1, sort_idx), mask_id) * is_mask.gather(1, sort_idx), t
 
 
 def mdm_term(model, x0: Tensor, valid: Tensor | None, generator, rank: int, world_size: int,
@@ -203,39 +271,27 @@ def mdm_term(model, x0: Tensor, valid: Tensor | None, generator, rank: int, worl
     ``attention``: ``"bidirectional"`` (MDLM, natural order) or, on tokens sorted clean-first with the
     authors' random key, ``"causal"`` (Eso-LM B) or ``"prefix"`` (Eso-LM A).
     """
-    b, n = x0.shape
-    mask_id = _mask_id(model)
     times = generator if time_generator is None else time_generator
-    t = antithetic_times(b, times, rank, world_size, device=x0.device)
+    nll, t = _mdm_draw(model, x0, valid, valid, generator, times, rank, world_size, schedule, attention)
     coef = torch.ones_like(t) if low_var else -schedule.weight(t)  # -(alpha'/(1-alpha)) >= 0
-    is_mask = uniform((b, n), generator, x0.device) < schedule.mask_prob(t)[:, None]
-    if valid is not None:
-        is_mask &= valid
-    xt = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
-    if attention == "bidirectional":
-        logits = model(xt, mask=hide_padding(None, valid) if valid is not None else None)
-        nll = token_nll(logits, x0, mask_id) * is_mask
-    else:
-        sort_idx = sort_clean_first(is_mask, generator)
-        if attention == "causal":
-            mask = masks.causal(n, x0.device)
-        else:
-            mask = masks.prefix_lm((~is_mask).sum(1), n, x0.device)
-        vs = None if valid is None else valid.gather(1, sort_idx)
-        logits = model(xt.gather(1, sort_idx), positions=sort_idx, mask=hide_padding(mask, vs))
-        nll = token_nll(logits, x0.gather(1, sort_idx), mask_id) * is_mask.gather(1, sort_idx)
     return (nll * coef[:, None]).sum(), _count(x0, valid)
 
 
-def sequential_term(model, x0: Tensor, valid: Tensor | None, generator, alpha0: float,
-                    any_order: bool) -> tuple[Tensor, Tensor]:
-    """Eso-LM's AR term: ``z0 ~ q0`` (mask w.p. 1 - alpha0); order = clean z0 tokens first (random for
-    B, ``any_order``; ascending for A), then the masks left to right; one 2L pass ``[z0_sorted ; x0_sorted]``."""
+def mdm_rows(model, x0: Tensor, valid: Tensor | None, maskable: Tensor, generator, times,
+             schedule: LogLinearSchedule, attention: str) -> Tensor:
+    """:func:`mdm_term`'s draw with only ``maskable`` tokens masked, per row with the ELBO weight: float64 [B]."""
+    nll, t = _mdm_draw(model, x0, valid, maskable, generator, times, 0, 1, schedule, attention)
+    return nll.double().sum(1) * -schedule.weight(t).double()
+
+
+def _sequential_draw(model, x0: Tensor, valid: Tensor | None, maskable: Tensor | None, generator, alpha0: float,
+                     any_order: bool) -> Tensor:
+    """One sequential-phase draw per row: the masked-token NLL [B, L] in the sorted order."""
     b, n = x0.shape
     mask_id = _mask_id(model)
     is_mask = uniform((b, n), generator, x0.device) < (1.0 - alpha0)
-    if valid is not None:
-        is_mask &= valid
+    if maskable is not None:
+        is_mask &= maskable
     z0 = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
     sort_idx = sort_clean_first(is_mask, generator, shuffle_clean=any_order, shuffle_masks=False)
     if any_order:
@@ -248,8 +304,20 @@ def sequential_term(model, x0: Tensor, valid: Tensor | None, generator, alpha0: 
     x_s = x0.gather(1, sort_idx)
     inp = torch.cat([z0.gather(1, sort_idx), x_s], 1)
     logits = model(inp, positions=torch.cat([sort_idx, sort_idx], 1), mask=mask, logits_slice=slice(0, n))
-    nll = token_nll(logits, x_s, mask_id) * is_mask.gather(1, sort_idx)
-    return nll.sum(), _count(x0, valid)
+    return token_nll(logits, x_s, mask_id) * is_mask.gather(1, sort_idx)
+
+
+def sequential_term(model, x0: Tensor, valid: Tensor | None, generator, alpha0: float,
+                    any_order: bool) -> tuple[Tensor, Tensor]:
+    """Eso-LM's AR term: ``z0 ~ q0`` (mask w.p. 1 - alpha0); order = clean z0 tokens first (random for
+    B, ``any_order``; ascending for A), then the masks left to right; one 2L pass ``[z0_sorted ; x0_sorted]``."""
+    return _sequential_draw(model, x0, valid, valid, generator, alpha0, any_order).sum(), _count(x0, valid)
+
+
+def sequential_rows(model, x0: Tensor, valid: Tensor | None, maskable: Tensor, generator, alpha0: float,
+                    any_order: bool) -> Tensor:
+    """:func:`sequential_term`'s draw with only ``maskable`` tokens masked, per row: float64 [B]."""
+    return _sequential_draw(model, x0, valid, maskable, generator, alpha0, any_order).double().sum(1)
 
 
 class MDLMObjective(Objective):
@@ -259,8 +327,12 @@ class MDLMObjective(Objective):
     def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
         low_var = self.training and self.method.low_var
         term = mdm_term(model, x0, valid, generator, rank, world_size, LogLinearSchedule(1.0),
-                        "bidirectional", low_var, time_generator)
+                        self.method.diffusion_attention, low_var, time_generator)
         return LossOutput({"mdm": term})
+
+    def conditional(self, model, x0, valid, maskable, generator, times) -> Tensor:
+        return mdm_rows(model, x0, valid, maskable, generator, times, LogLinearSchedule(1.0),
+                        self.method.diffusion_attention)
 
 
 class EsoLMObjective(Objective):
@@ -283,6 +355,13 @@ class EsoLMObjective(Objective):
             out["ar"] = sequential_term(model, x0[k:], v, generator, m.alpha0, m.any_order)
         return LossOutput(out)
 
+    def conditional(self, model, x0, valid, maskable, generator, times) -> Tensor:
+        """Both terms on every row: the diffusion term at the model's alpha0, then the sequential term."""
+        m = self.method
+        diffusion = mdm_rows(model, x0, valid, maskable, generator, times, LogLinearSchedule(m.alpha0),
+                             m.diffusion_attention)
+        return diffusion + sequential_rows(model, x0, valid, maskable, generator, m.alpha0, m.any_order)
+
 
 # --------------------------------------------------------------------------------------------------
 # BD3-LM
@@ -298,31 +377,39 @@ class BD3LMObjective(Objective):
     token 0 of every sequence (the BOS) is never masked and is left out of the token count, as in the
     bd3lms reference; the random draws are the same either way."""
 
-    def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
-        b, n = x0.shape
-        bs = self.method.block_size
-        if n % bs:
-            raise UserError(f"bd3lm block_size {bs} must divide the sequence length {n}")
-        nb = n // bs
-        mask_id = _mask_id(model)
-        clip = self.method.clip if self.training else None
+    @staticmethod
+    def _rates(rows: int, nb: int, times, rank: int, world_size: int, clip, device) -> tuple[Tensor, Tensor]:
+        """Masking rate and loss weight of each block, ``[rows, nb]`` each: the full schedule with the ELBO weight,
+        or with ``clip = (beta, omega)`` rates drawn from ``[beta, omega]`` with weight ``1 / rate``."""
         if clip is None:
             sched = LogLinearSchedule(1.0)
-            t = antithetic_times(b * nb, time_generator, rank, world_size, device=x0.device)
+            t = antithetic_times(rows * nb, times, rank, world_size, device=device)
             rate, coef = sched.mask_prob(t), -sched.weight(t)
         else:
-            rate = antithetic_times(b * nb, time_generator, rank, world_size, low=clip[0], high=clip[1],
-                                    device=x0.device).clamp_min(EPS)
+            rate = antithetic_times(rows * nb, times, rank, world_size, low=clip[0], high=clip[1],
+                                    device=device).clamp_min(EPS)
             coef = 1.0 / rate
-        rate = rate.view(b, nb).repeat_interleave(bs, dim=1)
-        coef = coef.view(b, nb).repeat_interleave(bs, dim=1)
+        return rate.view(rows, nb), coef.view(rows, nb)
+
+    def _counted(self, x0: Tensor, valid: Tensor | None) -> Tensor | None:
+        """The tokens that may be masked and are counted: the valid ones, less token 0 with ``ignore_bos``."""
+        if not self.method.ignore_bos:
+            return valid
+        counted = torch.ones_like(x0, dtype=torch.bool) if valid is None else valid.clone()
+        counted[:, 0] = False
+        return counted
+
+    def _draw(self, model, x0, valid, maskable, generator, times, rank, world_size, clip) -> Tensor:
+        """One draw: the weighted masked-token NLL [B, L] of the ``[x_t ; x_0]`` pass (masks only where
+        ``maskable``)."""
+        b, n = x0.shape
+        bs = self.method.block_size
+        mask_id = _mask_id(model)
+        rate, coef = self._rates(b, n // bs, times, rank, world_size, clip, x0.device)
+        rate, coef = rate.repeat_interleave(bs, dim=1), coef.repeat_interleave(bs, dim=1)
         is_mask = uniform((b, n), generator, x0.device) < rate
-        counted = valid  # the tokens the loss is normalised by (valid ones, less the BOS)
-        if self.method.ignore_bos:
-            counted = torch.ones_like(x0, dtype=torch.bool) if valid is None else valid.clone()
-            counted[:, 0] = False
-        if counted is not None:
-            is_mask &= counted
+        if maskable is not None:
+            is_mask &= maskable
         xt = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
         pos = torch.arange(n, device=x0.device).expand(b, n)
         mask = masks.block_diffusion(n, bs, x0.device)
@@ -330,8 +417,31 @@ class BD3LMObjective(Objective):
             mask = hide_padding(mask, torch.cat([valid, valid], 1))
         logits = model(torch.cat([xt, x0], 1), positions=torch.cat([pos, pos], 1), mask=mask,
                        logits_slice=slice(0, n))
-        nll = token_nll(logits, x0, mask_id) * is_mask * coef
+        return token_nll(logits, x0, mask_id) * is_mask * coef
+
+    def forward(self, model, x0, valid, generator, rank, world_size, time_generator) -> LossOutput:
+        n, bs = x0.shape[1], self.method.block_size
+        if n % bs:
+            raise UserError(f"bd3lm block_size {bs} must divide the sequence length {n}")
+        counted = self._counted(x0, valid)  # the tokens the loss is normalised by (valid ones, less the BOS)
+        clip = self.method.clip if self.training else None
+        nll = self._draw(model, x0, valid, counted, generator, time_generator, rank, world_size, clip)
         return LossOutput({"mdm": (nll.sum(), _count(x0, counted))})
+
+    def conditional(self, model, x0, valid, maskable, generator, times) -> Tensor:
+        """Rows of any width: padded (hidden) to whole blocks; the full schedule (no clip); with ``ignore_bos``
+        position 0 is never masked."""
+        n, bs = x0.shape[1], self.method.block_size
+        width = math.ceil(n / bs) * bs
+        if width > model.config.length:
+            raise UserError(f"bd3lm: {n} tokens padded to blocks of {bs} exceed the model length "
+                            f"{model.config.length}")
+        pad = width - n
+        valid = torch.ones_like(x0, dtype=torch.bool) if valid is None else valid
+        x0 = F.pad(x0, (0, pad))
+        valid, maskable = (F.pad(v, (0, pad), value=False) for v in (valid, maskable))
+        maskable = maskable & self._counted(x0, valid)
+        return self._draw(model, x0, valid, maskable, generator, times, 0, 1, None).double().sum(1)
 
 
 _OBJECTIVES: dict[type[Method], type[Objective]] = {AR: ARObjective, MDLM: MDLMObjective, EsoLM: EsoLMObjective,

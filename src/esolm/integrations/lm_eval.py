@@ -2,25 +2,33 @@
 
 What each request type computes (every number is natural-log, float64):
 
-* ``loglikelihood``: AR — exact, one causal pass. Eso-LM (B) — exact conditional
-  ``log p(continuation | context)`` in the left-to-right order from one 2L sequential pass; with
-  ``orders=K`` the importance-weighted estimate ``log (1/K) sum_k p_k`` over K uniformly random
-  permutations of the continuation positions (context first, left to right), whose expectation
-  lower-bounds the log-likelihood of the mixture over orders and rises with K. MDLM / BD3-LM /
-  Eso-LM (A), and Eso-LM (B) with ``estimator=mc`` — minus a Monte-Carlo conditional NELBO with
-  ``mc_num`` samples (context clean, only continuation tokens maskable, the method's ELBO weight; for
-  Eso-LM its diffusion term at the model's alpha0 plus its sequential term): a lower bound in
-  expectation, not the likelihood. ``is_greedy`` is exact for AR and Eso-LM (B) (for ``orders=K``:
-  under the first order), and False for Monte-Carlo estimates.
+* ``loglikelihood``: methods with ``exact_likelihood`` (AR: one causal pass; Eso-LM (B): the exact
+  conditional ``log p(continuation | context)`` in the left-to-right order from one 2L sequential pass) use
+  :func:`esolm.likelihood.exact_token_logprobs`. With ``orders=K`` (any-order models) the importance-weighted
+  estimate ``log (1/K) sum_k p_k`` over K uniformly random permutations of the continuation positions (context
+  first, left to right), whose expectation lower-bounds the log-likelihood of the mixture over orders and rises
+  with K. The other diffusion models (MDLM / BD3-LM / Eso-LM (A)), and any diffusion model with
+  ``estimator=mc``: minus the mean over ``mc_num`` draws of the objective's conditional NELBO
+  (:meth:`esolm.objectives.Objective.conditional_nelbo`: context clean, only continuation tokens maskable, the
+  method's ELBO weight; Eso-LM: its diffusion term at the model's alpha0 plus its sequential term; BD3-LM with
+  ``ignore_bos``: position 0 never masked), a lower bound in expectation, not the likelihood. ``is_greedy`` is
+  exact for the exact methods (for ``orders=K``: under the first order), and False for Monte-Carlo estimates.
+  ``orders`` and ``mc_num`` are at most :data:`MAX_DRAWS`; each forward pass evaluates at most
+  :data:`DRAWS_PER_PASS` of them per request, so memory does not grow with the count.
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of the model length, scored as above.
-* ``generate_until``: :func:`esolm.sampling.generate` after the prompt (greedy tokens when the task asks
-  for ``do_sample: false`` or ``temperature: 0``), cut at the first stop string.
+* ``generate_until``: :func:`esolm.sampling.generate` after the prompt with
+  ``SamplingParams.from_lm_eval(gen_kwargs, defaults)``: the task's ``temperature`` / ``top_p`` /
+  ``do_sample: false`` over the model_args' ``temperature``, ``top_p``, ``seed``, ``steps``, ``alpha0``; the
+  text is cut at the first stop string.
+
+Request text is encoded with :meth:`esolm.data.tokenizers.Tokenizer.encode_text` (special-token strings such as
+``<|mask|>`` are plain text); text that is not valid UTF-8, an empty request, or a bad generation option is one
+UserError before any request is scored.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +37,19 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from esolm.data.tokenizers import check_text
 from esolm.devices import resolve_device
 from esolm.errors import CheckpointError, UserError
 from esolm.io import is_repo_id, load_model
-from esolm.likelihood import log_mean_exp, order_token_logprobs
-from esolm.methods import check_alpha0
-from esolm.model import masks
-from esolm.noise import LogLinearSchedule, antithetic_times, uniform
-from esolm.objectives import hide_padding, token_nll
-from esolm.orders import sort_clean_first
+from esolm.likelihood import exact_token_logprobs, log_mean_exp
+from esolm.objectives import build_objective
+from esolm.sampling.params import MAX_SEED, SamplingParams, check_integer
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
+
+MAX_DRAWS = 10_000  # most orders / Monte-Carlo draws per request: the spread is then 1% of one draw's
+DRAWS_PER_PASS = 128  # orders / draws of each request evaluated by one forward pass (bounds the memory)
 
 # model_arg -> (accepted types, description); ``None`` values mean "default".
 MODEL_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -49,12 +58,15 @@ MODEL_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "device": ((str,), "torch device (default cpu; lm-eval's default cuda:0 falls back to cpu without a GPU)"),
     "batch_size": ((int, str), "requests per forward pass (default 1)"),
     "max_batch_size": ((int,), "accepted for lm-eval's CLI; unused"),
-    "orders": ((int,), "Eso-LM (B): K random orders, importance-weighted (default: exact left-to-right)"),
-    "mc_num": ((int,), "Monte-Carlo samples per request for MDLM / BD3-LM / Eso-LM (default 128)"),
+    "orders": ((int,), f"Eso-LM (B): K <= {MAX_DRAWS} random orders, importance-weighted (default: exact "
+                       "left-to-right)"),
+    "mc_num": ((int,), f"Monte-Carlo samples per request for MDLM / BD3-LM / Eso-LM, <= {MAX_DRAWS} (default 128)"),
     "estimator": ((str,), "auto (exact for AR / Eso-LM (B), else Monte-Carlo) or mc (Monte-Carlo always)"),
+    "temperature": ((float, int), "generate_until temperature when the task gives none (default 1; 0: greedy)"),
+    "top_p": ((float, int), "generate_until nucleus threshold when the task gives none (default 1: off)"),
     "alpha0": ((float, int), "Eso-LM sampling alpha0 for generate_until (default: the method's)"),
     "steps": ((int,), "diffusion sampling steps for generate_until (default: the sampler's)"),
-    "seed": ((int,), "seed of orders, Monte-Carlo draws and sampling (default 0)"),
+    "seed": ((int,), "seed in [0, 2**63) of orders, Monte-Carlo draws and sampling (default 0)"),
     "max_gen_toks": ((int,), "default generation budget in tokens (default 32)"),
 }
 
@@ -80,16 +92,29 @@ def check_model_args(kwargs: dict) -> dict:
             raise UserError(f"esolm batch_size must be a positive integer, got {bs!r}")
         bs = int(bs)
     out["batch_size"] = bs
-    for key in ("batch_size", "orders", "mc_num", "steps", "max_gen_toks"):
-        if key in out and out[key] < 1:
-            raise UserError(f"esolm model_arg {key} must be >= 1, got {out[key]}")
-    if "alpha0" in out:
-        out["alpha0"] = check_alpha0(out["alpha0"])
+    for key in ("batch_size", "steps", "max_gen_toks"):
+        if key in out:
+            check_integer(out[key], f"esolm model_arg {key}", 1)
+    for key in ("orders", "mc_num"):
+        if key in out:
+            check_integer(out[key], f"esolm model_arg {key}", 1, MAX_DRAWS)
+    if "seed" in out:
+        check_integer(out["seed"], "esolm model_arg seed", 0, MAX_SEED)
+    sampling_defaults(out)  # the decoding values (whether they apply to the method: after loading)
     if out.get("estimator", "auto") not in ("auto", "mc"):
         raise UserError(f"esolm estimator must be auto or mc, got {out['estimator']!r}")
     if not Path(out["pretrained"]).exists() and not is_repo_id(out["pretrained"]):
         raise CheckpointError(f"esolm pretrained={out['pretrained']}: no such file or folder")
     return out
+
+
+def sampling_defaults(args: dict) -> SamplingParams:
+    """The decoding params of checked model_args (what ``generate_until`` uses where a task says nothing)."""
+    try:
+        return SamplingParams(temperature=args.get("temperature", 1.0), top_p=args.get("top_p"),
+                              seed=args.get("seed", 0), steps=args.get("steps"), alpha0=args.get("alpha0"))
+    except UserError as e:
+        raise UserError(f"esolm model_args: {e}") from None
 
 
 @dataclass
@@ -135,29 +160,28 @@ class EsoLMLM(TemplateLM):
         loaded = load_model(args["pretrained"], tokenizer=args.get("tokenizer"), require_tokenizer=True,
                             device=self._device)
         self.model, self.method, self.tok = loaded.model, loaded.method, loaded.tokenizer
+        self.objective = build_objective(self.method).eval()
         self.batch_size = args["batch_size"]
         self.orders = args.get("orders")
         self.mc_num = args.get("mc_num", 128)
-        self.alpha0 = args.get("alpha0")
-        self.steps = args.get("steps")
         self.seed = args.get("seed", 0)
         self.max_gen_toks = args.get("max_gen_toks", 32)
-        self.monte_carlo = args.get("estimator") == "mc" or self.method.name in ("mdlm", "bd3lm") or (
-            self.method.name == "esolm" and self.method.variant == "A")
-        if self.monte_carlo and self.method.name == "ar":
-            raise UserError("estimator=mc applies to diffusion models; AR likelihoods are exact")
-        if self.alpha0 is not None and self.method.name != "esolm":
-            raise UserError(f"alpha0 applies to Eso-LM only, not to {self.method.name}")
-        if self.orders is not None and (self.monte_carlo or self.method.name != "esolm"):
-            raise UserError(f"orders applies to Eso-LM (B) with estimator=auto only, not to {self.method}")
+        self.defaults = sampling_defaults(args).resolve(self.method, self.model.config.length)
+        estimator = args.get("estimator", "auto")
+        if estimator == "mc" and not self.method.is_diffusion:
+            raise UserError(f"estimator=mc applies to diffusion models; {self.method.label} likelihoods are exact")
+        self.monte_carlo = estimator == "mc" or not self.method.exact_likelihood
+        if self.orders is not None and (self.monte_carlo or not self.method.any_order):
+            raise UserError(f"orders applies to Eso-LM (B) with estimator=auto only, not to {self.method.label}")
         self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
         self.order_generator = torch.Generator().manual_seed(self.seed)
 
     # -- lm-eval plumbing ------------------------------------------------------------------------------
     @property
     def max_length(self) -> int:
-        """Most tokens (context + continuation) one request may have; AR reads all but the last."""
-        return self.model.config.length + (1 if self.method.name == "ar" else 0)
+        """Most tokens (context + continuation) one request may have; AR (no mask token: a next-token pass)
+        reads all but the last."""
+        return self.model.config.length + (0 if self.method.is_diffusion else 1)
 
     @property
     def eot_token_id(self) -> int:
@@ -168,16 +192,30 @@ class EsoLMLM(TemplateLM):
         return self.tok.bos_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tok.encode(string)
+        """Plain text: special-token strings (``<|mask|>``, ``<|endoftext|>``) are encoded as text."""
+        return self.tok.encode_text(string, "an lm-eval request's text")
 
     def tok_decode(self, ids) -> str:
         return self.tok.decode(ids)
 
     # -- scoring ---------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM's, after checking every request: strings of valid UTF-8, and something to score."""
+        for i, req in enumerate(requests):
+            context, continuation = req.args
+            what = f"lm-eval loglikelihood request {i}"
+            check_text(context, f"{what}'s context")
+            check_text(continuation, f"{what}'s continuation")
+            if context == "" and not self.tok_encode(continuation):
+                raise UserError(f"{what} has an empty context and a continuation of no tokens "
+                                f"({continuation!r}): nothing to score")
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         rows = []
         for _, ctx, cont in requests:
-            whole = (list(ctx) + list(cont))[-self.max_length:]
+            ctx = list(ctx) or [self.prefix_token_id]  # a context of no tokens is conditioned on the BOS
+            whole = (ctx + list(cont))[-self.max_length:]
             rows.append((whole, min(len(cont), len(whole) - 1)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[tuple[float, bool] | None] = [None] * len(rows)
@@ -192,111 +230,42 @@ class EsoLMLM(TemplateLM):
     def _score(self, b: _Batch) -> list[tuple[float, bool]]:
         if self.monte_carlo:
             return [(-float(v), False) for v in self._mc_nelbo(b)]
-        if self.method.name == "ar":
-            ll, greedy = self._ar(b)
-        elif self.orders is None:
-            n = b.x.shape[1]
-            order = torch.arange(n, device=b.x.device).expand_as(b.x)
-            tok_ll, best = order_token_logprobs(self.model, b.x, order, b.valid, with_greedy=True)
-            ll = (tok_ll * b.score).sum(1)
-            greedy = (best | ~b.score).all(1)
+        if self.orders is None:
+            tok_ll, best = exact_token_logprobs(self.model, self.method, b.x, b.valid)
+            ll, greedy = (tok_ll * b.score).sum(1), (best | ~b.score).all(1)
         else:
             ll, greedy = self._iw(b)
         return [(float(v), bool(g)) for v, g in zip(ll, greedy, strict=True)]
 
-    def _ar(self, b: _Batch) -> tuple[Tensor, Tensor]:
-        inp, tgt = b.x[:, :-1], b.x[:, 1:]
-        mask = hide_padding(masks.causal(inp.shape[1], inp.device), b.valid[:, :-1])
-        logits = self.model(inp, mask=mask)
-        score = b.score[:, 1:]
-        ll = (-token_nll(logits, tgt, self.model.config.mask_id).double() * score).sum(1)
-        return ll, (logits.argmax(-1) == tgt).logical_or(~score).all(1)
-
     def _iw(self, b: _Batch) -> tuple[Tensor, Tensor]:
-        """K orders per row: context left to right, then a uniform permutation of the continuation."""
-        k, (rows, n) = self.orders, b.x.shape
-        orders = torch.arange(n).repeat(k * rows, 1)
-        for r in range(k * rows):
-            lo, hi = b.starts[r % rows], b.lengths[r % rows]
-            perm = torch.randperm(hi - lo, generator=self.order_generator)
-            orders[r, lo:hi] = lo + perm
-        orders = orders.to(b.x.device)
-        x, valid = b.x.repeat(k, 1), b.valid.repeat(k, 1)
-        tok_ll, best = order_token_logprobs(self.model, x, orders, valid, with_greedy=True)
-        score = b.score.repeat(k, 1)  # continuation positions are the same steps in every order
-        ll = log_mean_exp((tok_ll * score).sum(1).view(k, rows), 0)
-        return ll, (best | ~score).all(1)[:rows]
+        """K orders per row: context left to right, then a uniform permutation of the continuation;
+        :data:`DRAWS_PER_PASS` orders of every row per forward pass."""
+        rows, n = b.x.shape
+        sums, greedy = [], None
+        for first in range(0, self.orders, DRAWS_PER_PASS):
+            k = min(DRAWS_PER_PASS, self.orders - first)
+            orders = torch.arange(n).repeat(k * rows, 1)
+            for r in range(k * rows):
+                lo, hi = b.starts[r % rows], b.lengths[r % rows]
+                orders[r, lo:hi] = lo + torch.randperm(hi - lo, generator=self.order_generator)
+            x, valid, score = b.x.repeat(k, 1), b.valid.repeat(k, 1), b.score.repeat(k, 1)
+            tok_ll, best = exact_token_logprobs(self.model, self.method, x, valid, orders.to(x.device))
+            sums.append((tok_ll * score).sum(1).view(k, rows))  # continuation steps are the same in every order
+            if greedy is None:
+                greedy = (best | ~score).all(1)[:rows]
+        return log_mean_exp(torch.cat(sums), 0), greedy
 
     def _mc_nelbo(self, b: _Batch) -> Tensor:
-        """Mean over ``mc_num`` draws of the conditional NELBO of the continuation, float64 ``[B]``."""
-        m, rows = self.mc_num, b.x.shape[0]
-        x, valid, can_mask = (t.repeat_interleave(m, 0) for t in (b.x, b.valid, b.score))
-        t = torch.cat([antithetic_times(m, self.generator, device=x.device) for _ in range(rows)])
-        name = self.method.name
-        if name == "mdlm":
-            nll = self._diffusion(x, valid, can_mask, t, LogLinearSchedule(1.0), "bidirectional")
-        elif name == "bd3lm":
-            nll = self._block_diffusion(x, valid, can_mask)
-        else:  # Eso-LM: diffusion term at the model's alpha0 plus the sequential term
-            a0, variant = self.method.alpha0, self.method.variant
-            attention = "causal" if variant == "B" else "prefix"
-            nll = (self._diffusion(x, valid, can_mask, t, LogLinearSchedule(a0), attention)
-                   + self._sequential(x, valid, can_mask, a0, variant))
-        return nll.view(rows, m).mean(1)
-
-    def _diffusion(self, x, valid, can_mask, t, schedule: LogLinearSchedule, attention: str) -> Tensor:
-        n = x.shape[1]
-        mask_id = self.model.config.mask_id
-        is_mask = (uniform(x.shape, self.generator, x.device) < schedule.mask_prob(t)[:, None]) & can_mask
-        xt = torch.where(is_mask, torch.full_like(x, mask_id), x)
-        if attention == "bidirectional":
-            logits = self.model(xt, mask=hide_padding(None, valid))
-            nll = token_nll(logits, x, mask_id).double() * is_mask
-        else:
-            idx = sort_clean_first(is_mask, self.generator)
-            attn = (masks.causal(n, x.device) if attention == "causal"
-                    else masks.prefix_lm((~is_mask).sum(1), n, x.device))
-            attn = hide_padding(attn, valid.gather(1, idx))
-            logits = self.model(xt.gather(1, idx), positions=idx, mask=attn)
-            nll = token_nll(logits, x.gather(1, idx), mask_id).double() * is_mask.gather(1, idx)
-        return nll.sum(1) * -schedule.weight(t).double()
-
-    def _sequential(self, x, valid, can_mask, alpha0: float, variant: str) -> Tensor:
-        n = x.shape[1]
-        mask_id = self.model.config.mask_id
-        is_mask = (uniform(x.shape, self.generator, x.device) < (1.0 - alpha0)) & can_mask
-        z0 = torch.where(is_mask, torch.full_like(x, mask_id), x)
-        idx = sort_clean_first(is_mask, self.generator, shuffle_clean=variant == "B", shuffle_masks=False)
-        vs = valid.gather(1, idx)
-        attn = (masks.sequential(n, x.device) if variant == "B"
-                else masks.sequential_prefix((~is_mask).sum(1), n, x.device))
-        attn = hide_padding(attn, torch.cat([vs, vs], 1))
-        x_s = x.gather(1, idx)
-        logits = self.model(torch.cat([z0.gather(1, idx), x_s], 1), positions=torch.cat([idx, idx], 1),
-                            mask=attn, logits_slice=slice(0, n))
-        return (token_nll(logits, x_s, mask_id).double() * is_mask.gather(1, idx)).sum(1)
-
-    def _block_diffusion(self, x, valid, can_mask) -> Tensor:
-        bs = self.method.block_size
-        n = math.ceil(x.shape[1] / bs) * bs
-        if n > self.model.config.length:
-            raise UserError(f"bd3lm: {x.shape[1]} tokens padded to blocks of {bs} exceed the model length")
-        pad = n - x.shape[1]
-        x = torch.nn.functional.pad(x, (0, pad), value=self.tok.pad_id)
-        valid, can_mask = (torch.nn.functional.pad(v, (0, pad), value=False) for v in (valid, can_mask))
-        rows, nb = x.shape[0], n // bs
-        sched = LogLinearSchedule(1.0)
-        t = antithetic_times(rows * nb, self.generator, device=x.device).view(rows, nb)
-        rate = sched.mask_prob(t).repeat_interleave(bs, 1)
-        coef = -sched.weight(t).double().repeat_interleave(bs, 1)
-        mask_id = self.model.config.mask_id
-        is_mask = (uniform(x.shape, self.generator, x.device) < rate) & can_mask
-        xt = torch.where(is_mask, torch.full_like(x, mask_id), x)
-        pos = torch.arange(n, device=x.device).expand(rows, n)
-        attn = hide_padding(masks.block_diffusion(n, bs, x.device), torch.cat([valid, valid], 1))
-        logits = self.model(torch.cat([xt, x], 1), positions=torch.cat([pos, pos], 1), mask=attn,
-                            logits_slice=slice(0, n))
-        return (token_nll(logits, x, mask_id).double() * is_mask * coef).sum(1)
+        """Mean over ``mc_num`` draws of the conditional NELBO of the continuation, float64 ``[B]``; the draws of
+        a pass are tiled (row ``j * B + r``), so each request's times are stratified."""
+        rows = b.x.shape[0]
+        total = torch.zeros(rows, dtype=torch.float64, device=b.x.device)
+        for first in range(0, self.mc_num, DRAWS_PER_PASS):
+            m = min(DRAWS_PER_PASS, self.mc_num - first)
+            x, valid, maskable = (t.repeat(m, 1) for t in (b.x, b.valid, b.score))
+            nelbo = self.objective.conditional_nelbo(self.model, x, valid, maskable, self.generator)
+            total += nelbo.view(m, rows).sum(0)
+        return total / self.mc_num
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
@@ -312,19 +281,34 @@ class EsoLMLM(TemplateLM):
         return totals
 
     # -- generation ------------------------------------------------------------------------------------
+    def _generation(self, i: int, context, gen_kwargs) -> tuple[list[int], int, SamplingParams, list[str]]:
+        """One checked generate_until request: (prompt ids, token budget, params, stop strings)."""
+        what = f"lm-eval generate_until request {i}"
+        if not isinstance(gen_kwargs, dict):
+            raise UserError(f"{what}: generation options must be a dict, got {type(gen_kwargs).__name__}")
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else until
+        if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+            raise UserError(f"{what}: until must be a string or a list of strings, got {until!r}")
+        try:
+            params = SamplingParams.from_lm_eval(gen_kwargs, self.defaults)
+            budget = check_integer(gen_kwargs.get("max_gen_toks", self.max_gen_toks), "max_gen_toks", 1)
+        except UserError as e:
+            raise UserError(f"{what}: {e}") from None
+        length = self.model.config.length
+        budget = min(budget, length - 1)
+        check_text(context, f"{what}'s context")
+        prompt = self.tok_encode(context)[-(length - budget):] or [self.prefix_token_id]
+        return prompt, budget, params, list(until)
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from esolm.sampling import generate
 
+        jobs = [self._generation(i, *req.args) for i, req in enumerate(requests)]  # every request checked first
         out = []
-        for req in requests:
-            context, gen_kwargs = req.args
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            budget = min(int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)), self.model.config.length - 1)
-            prompt = self.tok_encode(context)[-(self.model.config.length - budget):] or [self.prefix_token_id]
-            greedy = gen_kwargs.get("do_sample") is False or gen_kwargs.get("temperature") == 0
-            res = generate(self.model, self.method, prompt_ids=[prompt], steps=self.steps, alpha0=self.alpha0,
-                           seed=self.seed, max_length=len(prompt) + budget, eos_id=self.tok.eos_id, greedy=greedy)
+        for prompt, budget, params, until in jobs:
+            res = generate(self.model, self.method, prompt_ids=[prompt], params=params,
+                           max_length=len(prompt) + budget, eos_id=self.tok.eos_id)
             text = self.tok.decode(res.tokens[0, len(prompt):].tolist())
             for stop in until:
                 if stop and stop in text:
