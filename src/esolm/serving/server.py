@@ -3,7 +3,7 @@
 Routes:
 
 * ``POST /v1/completions`` — OpenAI fields ``prompt`` (text; the model's BOS is put before it), ``max_tokens``
-  (default: the rest of the model's length), ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``, ``stream``;
+  (default: the rest of the model's length), ``temperature`` (0: greedy), ``top_p``, ``n``, ``stop``, ``seed``, ``stream``;
   esolm fields ``alpha0``, ``steps``, ``schedule``, ``infill`` (completion-relative position -> text, whose
   tokens are given from that position on). Choice ``i`` uses seed ``seed + i``, so it is exactly the sample
   ``esolm.generate`` draws alone with that seed. ``stop`` strings cut the final text (diffusion decodes out
@@ -482,7 +482,6 @@ def create_app(engine, *, model_name: str, tokenizer, max_body_bytes: int = MAX_
             await asyncio.to_thread(engine.shutdown, drain=True)
 
     app = FastAPI(title="esolm", lifespan=lifespan)
-    app.state.service = service
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
