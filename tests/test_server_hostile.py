@@ -36,31 +36,14 @@ def tok():
     return tiny_tokenizer()
 
 
-class Served:
-    """``esolm serve`` of a tiny Eso-LM (B) model in a subprocess, started on first use (again after a test
-    stopped it)."""
-
-    def __init__(self, folder):
-        self.folder, self.proc, self._url = folder, None, None
-
-    @property
-    def url(self) -> str:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc, self._url = start_serve(self.folder, "--max-batch", "4")
-        return self._url
-
-    def close(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tok):
-    server = Served(_export(tmp_path_factory.mktemp("hostile"), tok, length=LENGTH))
+def url(tmp_path_factory, tok):
+    """The base URL of ``esolm serve`` of a tiny Eso-LM (B) model, in a subprocess shared by the module."""
+    proc, base = start_serve(_export(tmp_path_factory.mktemp("hostile"), tok, length=LENGTH), "--max-batch", "4")
     try:
-        yield server
+        yield base
     finally:
-        server.close()
+        stop(proc)
 
 
 def post(url, body, **kw):
@@ -83,16 +66,14 @@ def timed(fn, *args, **kw):
 
 # ---- steps: bounded by the length; the largest accepted does not block other requests ----
 
-def test_steps_beyond_the_length_bound_are_400_at_once(served):
-    url = served.url
+def test_steps_beyond_the_length_bound_are_400_at_once(url):
     for body in ({"steps": 10**9}, {"schedule": "strided", "steps": 10**12}, {"steps": max_steps(10) + 1}):
         r, seconds = timed(post, url, {"prompt": "a", "max_tokens": 8, **body}, timeout=10)
         assert "steps" in error_of(r, 400)["message"] and seconds < 5
     assert HTTP.get(f"{url}/health").json()["active"] == 0
 
 
-def test_the_largest_steps_accepted_do_not_block_other_requests(served):
-    url = served.url
+def test_the_largest_steps_accepted_do_not_block_other_requests(url):
     body = {"prompt": "the", "max_tokens": LENGTH - 2, "steps": max_steps(LENGTH), "stream": True}  # BOS + "the"
     with HTTP.stream("POST", f"{url}/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -112,8 +93,7 @@ def test_the_largest_steps_accepted_do_not_block_other_requests(served):
 
 # ---- bodies: too large -> 413 before parsing; parsing never on the event loop ----
 
-def test_a_large_body_is_413_at_once_and_the_server_stays_responsive(served):
-    url = served.url
+def test_a_large_body_is_413_at_once_and_the_server_stays_responsive(url):
     big = "the cat " * (10 * 2**20 // 8)  # 10 MiB
     for body in ({"prompt": big}, {"prompt": "a", "infill": {"0": big[:2**21]}}, {"model": big[:2**21]}):
         r, seconds = timed(post, url, body)
@@ -133,10 +113,9 @@ def test_a_large_body_is_413_at_once_and_the_server_stays_responsive(served):
     assert HTTP.get(f"{url}/health").json()["active"] == 0
 
 
-def test_tokenizing_a_body_within_the_limit_does_not_stall_the_server(served):
+def test_tokenizing_a_body_within_the_limit_does_not_stall_the_server(url):
     """A prompt just within the body limit takes seconds to tokenize (then it is refused for its length):
     meanwhile /health keeps answering (the tokenizer runs in a worker thread and lets go of the GIL)."""
-    url = served.url
     with ThreadPoolExecutor(1) as pool:
         t0 = time.monotonic()
         pending = pool.submit(post, url, {"prompt": "a" * (MAX_BODY_BYTES - 20)})
@@ -189,10 +168,9 @@ def test_max_body_bytes_is_refused_when_not_positive(tmp_path, capsys):
 
 # ---- request values ----
 
-def test_special_token_text_in_infill_is_plain_text(served, tok):
+def test_special_token_text_in_infill_is_plain_text(url, tok):
     """``<|endoftext|>`` as infill text is that text (13 plain tokens), not the EOS that would cut the
     completion at position 2 with finish_reason "stop"."""
-    url = served.url
     body = {"prompt": "the cat", "max_tokens": 20, "temperature": 0, "infill": {"2": "<|endoftext|>"}}
     out = post(url, body).json()
     choice = out["choices"][0]
@@ -204,8 +182,7 @@ def test_special_token_text_in_infill_is_plain_text(served, tok):
     assert "<|endoftext|>" in choice["text"]
 
 
-def test_temperatures_below_the_greedy_threshold_decode_greedily(served):
-    url = served.url
+def test_temperatures_below_the_greedy_threshold_decode_greedily(url):
     base = {"prompt": "small birds", "max_tokens": 24, "seed": 5}  # the seed still draws the decoding order
     greedy = post(url, {**base, "temperature": 0})
     assert greedy.status_code == 200, greedy.text  # OpenAI semantics: 0 is greedy
@@ -219,8 +196,7 @@ def test_temperatures_below_the_greedy_threshold_decode_greedily(served):
 
 # ---- error messages ----
 
-def test_malformed_json_is_reported_as_such(served):
-    url = served.url
+def test_malformed_json_is_reported_as_such(url):
     for raw, position in ((b'{"prompt": "a",', 15), (b'{"prompt": "a"} x', 16), (b"{not json", 1)):
         r = HTTP.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
         err = error_of(r, 422)
@@ -238,8 +214,8 @@ def test_malformed_json_is_reported_as_such(served):
     ({"infill": {"k" * 100_000: 5}}, 422, "infill"),
     ({"infill": {"0" * 5000 + "1": "a"}}, 400, None),
 ])
-def test_errors_do_not_echo_large_values(served, body, status, param):
-    r = post(served.url, {"prompt": "a", "max_tokens": 8, **body})
+def test_errors_do_not_echo_large_values(url, body, status, param):
+    r = post(url, {"prompt": "a", "max_tokens": 8, **body})
     err = error_of(r, status)
     assert len(r.content) < 400 and "characters)" in err["message"]
     if param is not None:

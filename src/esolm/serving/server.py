@@ -3,8 +3,8 @@
 Routes:
 
 * ``POST /v1/completions`` — OpenAI fields ``prompt`` (text; the model's BOS is put before it), ``max_tokens``
-  (default: the rest of the model's length), ``temperature`` (0: greedy), ``top_p``, ``n``, ``stop``, ``seed``, ``stream``;
-  esolm fields ``alpha0``, ``steps``, ``schedule``, ``infill`` (completion-relative position -> text, whose
+  (default: the rest of the model's length), ``temperature`` (0: greedy), ``top_p``, ``n``, ``stop``, ``seed``,
+  ``stream``; esolm fields ``alpha0``, ``steps``, ``schedule``, ``infill`` (completion-relative position -> text, whose
   tokens are given from that position on). Choice ``i`` uses seed ``seed + i``, so it is exactly the sample
   ``esolm.generate`` draws alone with that seed. ``stop`` strings cut the final text (diffusion decodes out
   of order, so decoding is never stopped early by them).
