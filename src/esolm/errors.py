@@ -30,4 +30,10 @@ class NonFiniteLossError(EsoLMError, RuntimeError):
     non-finite weights was written."""
 
 
-__all__ = ["EsoLMError", "ConfigError", "CheckpointError", "UserError", "NonFiniteLossError"]
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line (whitespace runs, newlines included, become one space), or its type's name
+    when it has no message: how an error is shown to the user (the command line, the HTTP API)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+__all__ = ["EsoLMError", "ConfigError", "CheckpointError", "UserError", "NonFiniteLossError", "one_line"]

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from esolm.commands import _args
+from esolm.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,7 +93,6 @@ def run(args) -> int:
     from rich.console import Console
 
     from esolm.devices import resolve_device
-    from esolm.errors import UserError
     from esolm.evaluation import metrics
     from esolm.evaluation.datasets import reference_texts, resolve_data
     from esolm.evaluation.samples import JsonlWriter, SampleStats, sample_batches
@@ -101,11 +102,15 @@ def run(args) -> int:
     if args.mauve and args.num_samples < 2:
         raise UserError("--mauve needs at least 2 samples")
     device = resolve_device(args.device)
-    writer = JsonlWriter(args.out)  # checks the path; nothing is written yet
-    if args.summary:
-        check_writable(args.summary)
-    if args.trace_html:
-        check_writable(args.trace_html)
+    outputs = {"--out": args.out, "--summary": args.summary, "--trace-html": args.trace_html}
+    for flag, path in outputs.items():  # before any work; nothing is written yet
+        if path is not None and not (flag == "--out" and path == "-"):
+            try:
+                check_writable(path)
+            except UserError as e:
+                raise UserError(f"{flag}: {e}") from None
+    _check_distinct(outputs)
+    writer = JsonlWriter(args.out)
     loaded = load_model(args.model, tokenizer=args.tokenizer, device=device, require_tokenizer=True)
     model, method, tokenizer = loaded.model, loaded.method, loaded.tokenizer
     params = SamplingParams.from_cli(args)
@@ -134,7 +139,7 @@ def run(args) -> int:
             writer.write(batch.rows)
             stats.add(batch)
             first = first or batch.rows[0]
-    if args.trace_html:
+    if args.trace_html is not None:
         _write_trace(args, model, method, tokenizer, params, prompt_ids, first["token_ids"])
     resolved = params.resolve(method, length)
     summary = {"model": str(args.model), "method": method.to_dict(), **resolved.to_dict(),
@@ -145,9 +150,21 @@ def run(args) -> int:
     shown = {k: summary[k] for k in ("entropy", "gen_ppl", "mauve") if k in summary}
     if shown:
         console.print("  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-    if args.summary:
+    if args.summary is not None:
         atomic_json(args.summary, summary)
     return 0
+
+
+def _check_distinct(outputs: dict[str, str | None]) -> None:
+    """Refuse two outputs that are one file (the later write would replace the earlier one)."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None or path == "-":
+            continue
+        real = Path(path).resolve()
+        if real in seen:
+            raise UserError(f"{seen[real]} and {flag} name the same file ({path}); give each its own path")
+        seen[real] = flag
 
 
 def _write_trace(args, model, method, tokenizer, params, prompt_ids, first_ids: list[int]) -> None:

@@ -3,7 +3,8 @@
 MODEL is anything ``esolm sample`` reads (an exported folder or a training checkpoint) with its tokenizer
 (or ``--tokenizer``). The server answers ``POST /v1/completions`` (streamed with ``"stream": true``: one server-sent
 event per decoding step), ``GET /v1/models``, ``GET /health`` and the trace page at ``/``. SIGTERM or Ctrl-C
-stops accepting connections and lets the requests in flight finish.
+stops accepting connections and lets the requests in flight finish; the exit code is then 0 after SIGTERM,
+130 after Ctrl-C (SIGINT), and 130 when a second Ctrl-C cut the drain short.
 
 Examples::
 
@@ -15,8 +16,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import socket
 import sys
+import threading
 
 from esolm.commands import _args
 from esolm.errors import UserError
@@ -30,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests decoded together in one network call per engine step")
     p.add_argument("--max-queue", type=_args.positive_int, default=64,
                    help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--max-body-bytes", type=_args.positive_int, default=None,
+                   help="largest request body accepted; bigger ones get 413 before they are parsed (default 1 MiB)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or folder (default: saved with the model)")
     p.add_argument("--name", default=None, help="model name in the API (default: the MODEL argument)")
@@ -54,6 +60,35 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _server(config):
+    """A ``uvicorn.Server`` that records the stop signals it got (``.signals``) instead of re-raising them
+    after its graceful shutdown (uvicorn re-raises them, so a cleanly drained SIGTERM killed the process: -15)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        signals: list[int] = []
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+                yield
+                return
+            self.signals = []
+
+            def on_signal(sig, frame):
+                self.signals.append(sig)
+                self.handle_exit(sig, frame)
+
+            original = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
 def run(args) -> int:
     import torch
     import uvicorn
@@ -61,7 +96,7 @@ def run(args) -> int:
     from esolm.devices import resolve_device
     from esolm.io import load_model
     from esolm.serving.engine import Engine
-    from esolm.serving.server import create_app
+    from esolm.serving.server import MAX_BODY_BYTES, create_app
 
     device = resolve_device(args.device)
     sock = _listen(args.host, args.port)
@@ -72,9 +107,13 @@ def run(args) -> int:
     engine = Engine(loaded.model, loaded.method, max_batch=args.max_batch, max_queue=args.max_queue,
                     eos_id=tok.eos_id, bos_id=tok.bos_id)
     name = args.name or str(args.model)
-    app = create_app(engine, model_name=name, tokenizer=tok)
+    app = create_app(engine, model_name=name, tokenizer=tok, max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES)
     host, port = sock.getsockname()[:2]
     print(f"esolm serve: {name} ({loaded.method.label}, {device}) on http://{host}:{port} "
           f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    server = _server(uvicorn.Config(app, log_level="info"))
+    server.run(sockets=[sock])
+    if server.force_exit or signal.SIGINT in server.signals:
+        print("esolm: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -119,7 +119,9 @@ class Tokenizer:
             if hasattr(plain, "encode_special_tokens"):  # tokenizers >= 0.15
                 plain.encode_special_tokens = True
             self._plain = plain
-        ids = plain.encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: it lets go of the GIL while it works, so a long text encoded in a worker
+        # thread (the HTTP server's) does not stall the other threads for seconds
+        ids = plain.encode_batch([text], add_special_tokens=False)[0].ids
         if self.mask_id in ids:
             raise UserError(f"{what} encodes to the mask token (id {self.mask_id}), which decoding reads as a "
                             "position to fill; remove the mask text")

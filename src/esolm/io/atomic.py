@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,23 +104,73 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
     """Refuse (:class:`UserError`, one line) an output that cannot be written, before any work is done.
 
-    ``path`` must not be a folder (or, with ``folder=True``, must be a folder if it exists), and the
-    nearest existing ancestor must be a writable folder, so that the missing parents can be created.
-    Nothing is created.
+    ``path`` must be a path (not empty, not ``-``: a caller that writes ``-`` to stdout handles it before)
+    that is not a folder (or, with ``folder=True``, is a folder if it exists). Every name the writers will
+    create must fit the filesystem: the missing parent folders and the atomic writer's temporary name
+    (:func:`atomic_writer`, :func:`atomic_dir`), which is longer than the target's. The nearest existing
+    folder must accept a new file: a probe file is created there and removed at once, so that permissions,
+    read-only or special filesystems (``/sys``, ``/proc``) and root's rights are seen as the writer will see
+    them. Nothing else is created.
     """
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
+    raw = os.fspath(path)
+    if not raw:
+        raise UserError("the output path is empty")
+    if raw == "-":
+        raise UserError("output '-' would be a file named '-' (stdout is not an option here); give a file path")
+    path = Path(raw)
+    kind = _kind(path, path)
+    if folder and kind not in (None, "folder"):
         raise UserError(f"output {path} exists and is not a folder")
-    if not folder and path.is_dir():
+    if not folder and kind == "folder":
         raise UserError(f"output {path} is a folder; give a file path")
-    anchor = path if folder and path.is_dir() else path.parent
-    while not anchor.exists() and anchor != anchor.parent:
+    anchor = path if kind == "folder" else path.parent
+    missing = []
+    while (anchor_kind := _kind(anchor, path)) is None and anchor != anchor.parent:
+        missing.append(anchor.name)
         anchor = anchor.parent
-    if not anchor.is_dir():
+    if anchor_kind != "folder":
         raise UserError(f"cannot write {path}: {anchor} is not a folder")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: {anchor} is not writable")
+    name_max = _pathconf(anchor, "PC_NAME_MAX", 255)
+    for name in reversed(missing):
+        if len(os.fsencode(name)) > name_max:
+            raise UserError(f"cannot write {path}: the folder name {name[:64]!r}... is too long "
+                            f"({len(os.fsencode(name))} bytes; at most {name_max} on this filesystem)")
+    if kind != "folder":
+        tmp = _tmp_name(path)
+        extra = len(os.fsencode(tmp.name)) - len(os.fsencode(path.name))
+        if len(os.fsencode(tmp.name)) > name_max:
+            raise UserError(f"cannot write {path}: its name is too long ({len(os.fsencode(path.name))} bytes; at "
+                            f"most {name_max - extra} here, as the atomic writer's temporary name adds {extra})")
+        if len(os.fsencode(str(tmp))) >= _pathconf(anchor, "PC_PATH_MAX", 4096):
+            raise UserError(f"cannot write {path}: the path is too long for this filesystem")
+    probe = _tmp_name(anchor / "esolm-probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: no file can be created in {anchor} ({e.strerror})") from None
+    probe.unlink()
     return path
+
+
+def _kind(p: Path, target: Path) -> str | None:
+    """``"folder"``, ``"file"`` (anything else that exists) or None (missing, or under a file)."""
+    try:
+        return "folder" if stat.S_ISDIR(p.stat().st_mode) else "file"
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:  # a name too long, a parent that cannot be searched, a symlink loop ...
+        raise UserError(f"cannot write {target}: {e.strerror or e}") from None
+
+
+def _pathconf(folder: Path, name: str, default: int) -> int:
+    """``os.pathconf``'s limit ``name`` for ``folder`` (``default`` where unknown; no limit: a huge one)."""
+    try:
+        value = os.pathconf(folder, name)
+    except (OSError, ValueError, AttributeError):  # not known there, or no pathconf (Windows)
+        return default
+    return value if value > 0 else 1 << 30
 
 
 __all__ = ["atomic_writer", "atomic_write", "atomic_json", "atomic_dir", "check_writable", "fsync_dir"]

@@ -103,6 +103,10 @@ class QueueFull(EsoLMError):
     """``max_queue`` requests are already waiting."""
 
 
+class ShuttingDown(UserError):
+    """:meth:`Engine.shutdown` was called: no new request is accepted (the HTTP server answers 503)."""
+
+
 Callback = Callable[[StepEvent | Finished], None]
 
 
@@ -298,7 +302,7 @@ class Engine:
         req, x = self._checked(req)
         with self._cv:
             if self._closed:
-                raise UserError("the engine is shutting down")
+                raise ShuttingDown("the engine is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             rid = self._next_id
