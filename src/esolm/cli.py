@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from esolm.errors import EsoLMError
+from esolm.errors import EsoLMError, one_line
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,11 +28,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-task": ("esolm.commands.eval_task", "held-out accuracy of a model on a verifiable task"),
     "serve": ("esolm.commands.serve", "OpenAI-compatible HTTP server: continuous batching, per-step streaming"),
 }
-
-
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class _Parser(argparse.ArgumentParser):

@@ -33,7 +33,7 @@ from esolm.config import ModelConfig
 from esolm.errors import CheckpointError, EsoLMError, UserError
 from esolm.io import authors
 from esolm.io.atomic import atomic_dir, atomic_json, atomic_write
-from esolm.io.safe_pickle import one_line, read_checkpoint
+from esolm.io.safe_pickle import cause_line, read_checkpoint
 from esolm.io.weights import (
     Layout,
     build_model,
@@ -133,7 +133,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: Any, local_files_on
         ))
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, HTTP errors: all one line
         raise CheckpointError(
-            f"cannot fetch {repo_id!r} from the Hugging Face Hub (offline or not found?): {one_line(exc)}"
+            f"cannot fetch {repo_id!r} from the Hugging Face Hub (offline or not found?): {cause_line(exc)}"
         ) from None
 
 
@@ -200,7 +200,7 @@ def _embedded_tokenizer(extra: dict, where: str):
         return Tokenizer(HFTokenizer.from_str(text), meta["name"], meta["mask_id"], meta["eos_id"], meta["bos_id"],
                          meta.get("pad_id"))
     except Exception as exc:  # noqa: BLE001 - a damaged tokenizer JSON or meta dict: one line
-        raise CheckpointError(f"{where}: its tokenizer cannot be read ({one_line(exc)})") from None
+        raise CheckpointError(f"{where}: its tokenizer cannot be read ({cause_line(exc)})") from None
 
 
 def _saved_tokenizer(folder: Path):
@@ -213,7 +213,7 @@ def _saved_tokenizer(folder: Path):
     except EsoLMError:
         raise
     except Exception as exc:  # noqa: BLE001 - damaged tokenizer files: one line
-        raise CheckpointError(f"{folder}: its tokenizer cannot be read ({one_line(exc)})") from None
+        raise CheckpointError(f"{folder}: its tokenizer cannot be read ({cause_line(exc)})") from None
 
 
 def _saved_recipe(folder: Path) -> dict:
@@ -225,7 +225,7 @@ def _saved_recipe(folder: Path) -> dict:
     try:
         recipe = yaml.safe_load(file.read_text())
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"{file}: unreadable ({one_line(exc)})") from None
+        raise CheckpointError(f"{file}: unreadable ({cause_line(exc)})") from None
     if not isinstance(recipe, dict):
         raise CheckpointError(f"{file}: expected a mapping")
     return recipe
@@ -235,7 +235,7 @@ def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable JSON ({one_line(exc)})") from None
+        raise CheckpointError(f"{file}: unreadable JSON ({cause_line(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return data
@@ -348,7 +348,7 @@ def _from_training(ckpt: dict, file: Path, config: Any, use_ema: bool) -> _Found
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{where}: an esolm training checkpoint with an invalid model or run config "
-                              f"({one_line(exc)})") from None
+                              f"({cause_line(exc)})") from None
     if config is not None:
         cfg = _user_config(config, cfg.vocab_size, cfg.mask_id)
     raw = not use_ema and "current_model_state" in ckpt
@@ -483,7 +483,7 @@ def load_model(
         except EsoLMError:
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged tokenizer folder: one line
-            raise UserError(f"tokenizer {tokenizer}: cannot be read ({one_line(exc)})") from None
+            raise UserError(f"tokenizer {tokenizer}: cannot be read ({cause_line(exc)})") from None
     else:
         tok = found.tokenizer or _saved_tokenizer(folder)
     if tok is None and require_tokenizer:

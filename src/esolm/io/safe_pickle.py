@@ -63,8 +63,9 @@ _ALLOCATING = re.compile(r"^(builtins\.bytearray|torch\.(cuda\.)?(storage\.)?\w*
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation of torch.load")
 
 
-def one_line(exc: BaseException) -> str:
-    """The informative line of an exception (torch's weights_only errors bury it under boilerplate)."""
+def cause_line(exc: BaseException) -> str:
+    """The informative line of an exception, prefixed with its type (torch's weights_only errors bury it under
+    boilerplate); :func:`esolm.errors.one_line` shows a whole message on one line."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(_BOILERPLATE)]
     text = (useful or lines or [""])[0]
@@ -316,7 +317,7 @@ def scan_pickle(path: str | os.PathLike) -> set[str]:
     except _Refused as exc:
         raise CheckpointError(f"{path}: refused: {exc}") from None
     except (ValueError, EOFError, IndexError, KeyError, RuntimeError, OSError) as exc:
-        raise CheckpointError(f"{path}: checkpoint is corrupted or truncated ({one_line(exc)})") from None
+        raise CheckpointError(f"{path}: checkpoint is corrupted or truncated ({cause_line(exc)})") from None
     return scan.globals
 
 
@@ -375,7 +376,7 @@ def _torch_load(path: Path, names: set[str], map_location: Any) -> Any:
     except MemoryError:
         raise CheckpointError(f"{path}: refused: loading it needs more memory than is available") from None
     except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, blocked global, ...
-        text = one_line(exc)
+        text = cause_line(exc)
         if "GLOBAL" in text or "reduce for unrecognized" in text:
             raise CheckpointError(f"{path}: refused: loading it would need a global that weights_only loading "
                                   f"does not allow ({text})") from None
@@ -520,5 +521,5 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: refused: its contents nest too deeply") from None
 
 
-__all__ = ["read_checkpoint", "scan_pickle", "check_graph", "InertObject", "runs_code", "one_line",
+__all__ = ["read_checkpoint", "scan_pickle", "check_graph", "InertObject", "runs_code", "cause_line",
            "MAX_OBJECTS", "MAX_DEPTH"]

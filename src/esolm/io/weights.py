@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from esolm import devices
 from esolm.config import ModelConfig
 from esolm.errors import CheckpointError
-from esolm.io.safe_pickle import one_line
+from esolm.io.safe_pickle import cause_line
 from esolm.model.backbone import DiT
 
 LAYER_OVERHEAD = 64 << 10  # bytes of Python objects per transformer block (measured: ~32-66 KiB)
@@ -131,7 +131,7 @@ def model_config_from_dict(d: object, where: str) -> ModelConfig:
     try:
         return ModelConfig.from_dict(d)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: invalid model config ({one_line(exc)})") from None
+        raise CheckpointError(f"{where}: invalid model config ({cause_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,9 +226,9 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]
                                       f"file of {size:,} bytes)")
             meta = json.loads(fh.read(n))
     except OSError as exc:
-        raise CheckpointError(f"{file}: cannot read it ({one_line(exc)})") from None
+        raise CheckpointError(f"{file}: cannot read it ({cause_line(exc)})") from None
     except ValueError as exc:
-        raise CheckpointError(f"{file}: corrupt safetensors header ({one_line(exc)})") from None
+        raise CheckpointError(f"{file}: corrupt safetensors header ({cause_line(exc)})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     meta.pop("__metadata__", None)
@@ -276,7 +276,7 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({one_line(exc)})") from None
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({cause_line(exc)})") from None
 
 
 def strip_prefix(state: dict, prefix: str) -> dict:
