@@ -54,6 +54,7 @@ class Case:
     outcome: str = ""
     detail: str = ""
     seconds: float = 0.0
+    limit: int = TIME_LIMIT  # seconds before the case is killed
     extra: dict = field(default_factory=dict)
 
 
@@ -79,6 +80,11 @@ def build_workspace(w: Path) -> None:
     (w / "truncated.ckpt").write_bytes(ckpt[: len(ckpt) // 2])
     (w / "a_file").write_text("not a folder\n")
     (w / "empty_folder").mkdir()
+    task = w / "task_run"  # a (barely) trained arithmetic policy: chars tokenizer, the task's length
+    esolm_cli("train", "task-arithmetic", f"trainer.out_dir={task}", "trainer.max_steps=2", "trainer.val_every=0",
+              "trainer.ckpt_every=2", "trainer.logger=none", "trainer.progress=false")
+    esolm_cli("export", str(task / "checkpoints" / "last.ckpt"), str(w / "task"))
+    _task_files(w)
 
     class Payload:  # pickled as os.system("touch MARKER"): loading it must never run it
         def __reduce__(self):
@@ -319,6 +325,201 @@ def cases(w: Path) -> list[Case]:
     return out
 
 
+def _task_files(w: Path) -> None:
+    """Prompt, reward and config files for the rl / eval-task cases."""
+    (w / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": f"{a}+{a}="}) for a in range(100, 108)) + "\n")
+    (w / "mask_prompts.jsonl").write_text(json.dumps({"prompt": "12<|mask|>3+<|endoftext|>="}) + "\n")
+    (w / "surrogate_prompts.jsonl").write_text('{"prompt": "12\\ud800+1="}\n')
+    (w / "bigint_prompts.jsonl").write_text('{"prompt": "1+1=", "x": ' + "9" * 5000 + "}\n")
+    (w / "deep_prompts.jsonl").write_text('{"prompt": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    (w / "mixed_prompts.jsonl").write_text(json.dumps({"prompt": "1+1="}) + "\n"
+                                           + json.dumps({"prompt": "123+456="}) + "\n")
+    (w / "binary.yaml").write_bytes(os.urandom(512))
+    rewards = {
+        "r_ok": "def score(prompts, completions):\n    return [1.0 for _ in completions]\n",
+        "r_hang": "import time\ndef score(prompts, completions):\n    time.sleep(10**6)\n",
+        "r_syntax": "def score(prompts, completions)\n    return []\n",
+        "r_import": "raise RuntimeError('boom at import')\ndef score(p, c):\n    return [0.0] * len(c)\n",
+        "r_generator": "def score(prompts, completions):\n    yield 1.0\n    raise ValueError('in a generator')\n",
+        "r_overflow": "def score(prompts, completions):\n    return [10**400] * len(completions)\n",
+        "r_dict": "def score(prompts, completions):\n    return {i: 1.0 for i in range(len(completions))}\n",
+        "r_exit": "import sys\ndef score(prompts, completions):\n    sys.exit(0)\n",
+    }
+    for name, code in rewards.items():
+        (w / f"{name}.py").write_text(code)
+
+
+# HTTP cases: the app in process (FastAPI's TestClient, lifespan included); a 4xx with a JSON error body is a
+# clear error (raised as an esolm UserError), a 5xx or a 4xx without one is a traceback, a check that fails is an
+# AssertionError (a silently wrong answer)
+HTTP = """
+import json
+from fastapi.testclient import TestClient
+from esolm.errors import UserError
+from esolm.io import load_model
+from esolm.serving.engine import Engine
+from esolm.serving.server import create_app
+L = load_model(W / "model")
+ENGINE = Engine(L.model, L.method, max_batch=4, max_queue=8, eos_id=L.tokenizer.eos_id, bos_id=L.tokenizer.bos_id)
+APP = create_app(ENGINE, model_name="t", tokenizer=L.tokenizer)
+CLIENT = TestClient(APP)
+CLIENT.__enter__()  # the app's lifespan: the engine thread runs until the case's process ends
+def post(body=None, raw=None, path="/v1/completions"):
+    raw = json.dumps(body).encode() if raw is None else raw  # as a JSON client sends it (non-ASCII escaped)
+    r = CLIENT.post(path, content=raw, headers={"content-type": "application/json"})
+    if 400 <= r.status_code < 500:
+        try:
+            err = r.json()["error"]
+        except Exception:
+            raise RuntimeError(f"HTTP {r.status_code} without a JSON error body: {r.text[:100]!r}")
+        if len(r.content) > 10000:
+            raise AssertionError(f"HTTP {r.status_code} echoes {len(r.content)} bytes back")
+        raise UserError(f"HTTP {r.status_code}: " + " ".join(str(err.get('message'))[:200].split()))
+    if r.status_code >= 500:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+    return r.json()
+"""
+
+# lm-eval cases: the registered ``esolm`` model in process
+LMEVAL = """
+from lm_eval.api.instance import Instance
+from esolm.integrations.lm_eval import EsoLMLM
+def lm(**kw):
+    return EsoLMLM(pretrained=str(W / "model"), **kw)
+def ll(model, ctx, cont):
+    return model.loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0)])[0]
+def gen(model, ctx, **kw):
+    return model.generate_until([Instance("generate_until", {}, (ctx, {"until": ["\\n"], **kw}), 0)])[0]
+"""
+
+
+def new_surface_cases(w: Path) -> list[Case]:
+    """The surfaces added after the first sweep: serve, lm-eval, rl, eval-task, speculative and trace output."""
+    out: list[Case] = []
+    M, T = str(w / "model"), str(w / "task")
+
+    def cli(cat, name, argv, expect="error", pattern=None, limit=60):
+        out.append(Case(cat, name, argv=argv, expect=expect, pattern=pattern, limit=limit))
+
+    def api(cat, name, code, expect="error", pattern=None, limit=60):
+        out.append(Case(cat, name, code=code, expect=expect, pattern=pattern, limit=limit))
+
+    # -- serve: requests (unbounded work, oversized bodies, special tokens, silly numbers) --
+    big = "a " * 5_000_000
+    for name, body, pattern in (
+            ("steps 1e9", {"prompt": "a", "max_tokens": 8, "steps": 10**9}, "steps"),
+            ("strided steps 1e12", {"prompt": "a", "max_tokens": 8, "steps": 10**12, "schedule": "strided"}, "steps"),
+            ("10 MB prompt", {"prompt": big, "max_tokens": 4}, "large|bytes|body|long"),
+            ("10 MB infill text", {"prompt": "a", "max_tokens": 8, "infill": {"2": big}}, "large|bytes|body|fit"),
+            ("seed 2**63", {"prompt": "a", "max_tokens": 4, "seed": 2**63}, "seed"),
+            ("seed -1", {"prompt": "a", "max_tokens": 4, "seed": -1}, "seed"),
+            ("temperature -1", {"prompt": "a", "max_tokens": 4, "temperature": -1.0}, "temperature"),
+            ("top_p 2", {"prompt": "a", "max_tokens": 4, "top_p": 2.0}, "top_p"),
+            ("n 0", {"prompt": "a", "max_tokens": 4, "n": 0}, "\\bn\\b"),
+            ("n 1000", {"prompt": "a", "max_tokens": 4, "n": 1000}, "\\bn\\b"),
+            ("max_tokens 0 without echo", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+            ("max_tokens 1e9", {"prompt": "a", "max_tokens": 10**9}, "max_tokens"),
+            ("alpha0 2", {"prompt": "a", "max_tokens": 4, "alpha0": 2.0}, "alpha0"),
+            ("schedule sideways", {"prompt": "a", "max_tokens": 4, "schedule": "sideways"}, "sampler|schedule"),
+            ("stop: 5 strings", {"prompt": "a", "max_tokens": 4, "stop": list("abcde")}, "stop"),
+            ("infill key not a position", {"prompt": "a", "max_tokens": 8, "infill": {"x": "b"}}, "infill"),
+            ("infill past the end", {"prompt": "a", "max_tokens": 4, "infill": {"9": "b"}}, "infill"),
+            ("unknown field", {"prompt": "a", "max_tokens": 4, "nope": 1}, "nope|extra"),
+            ("model name of 10 MB", {"prompt": "a", "max_tokens": 4, "model": "m" * 10_000_000}, "model|large|body"),
+            ("lone surrogate in the prompt", {"prompt": "a\ud800b", "max_tokens": 4}, "utf|surrogate|prompt")):
+        api("serve requests", name, HTTP + f"post({body!r})", pattern=pattern)
+    api("serve requests", "malformed JSON", HTTP + "post(raw=b'{\"prompt\": \"a\", ')", pattern="json")
+    api("serve requests", "body not an object", HTTP + "post(raw=b'[1, 2]')", pattern="object|dict|valid")
+    api("serve requests", "infill <|endoftext|> is plain text", HTTP
+        + "r = post({'prompt': 'a', 'max_tokens': 12, 'infill': {'2': '<|endoftext|>'}, 'seed': 1})\n"
+          "assert '<|endoftext|>' in r['choices'][0]['text'], r['choices'][0]", expect="ok")
+    api("serve requests", "temperature 5e-324 acts greedy", HTTP
+        + "a = post({'prompt': 'a', 'max_tokens': 8, 'temperature': 5e-324})['choices'][0]['text']\n"
+          "b = post({'prompt': 'a', 'max_tokens': 8, 'temperature': 1e-300})['choices'][0]['text']\n"
+          "c = post({'prompt': 'a', 'max_tokens': 8, 'temperature': 0})['choices'][0]['text']\n"
+          "assert a == b == c, (a, b, c)", expect="ok")
+    api("serve requests", "a valid request", HTTP + "post({'prompt': 'The history of', 'max_tokens': 8})",
+        expect="ok")
+
+    # -- lm-eval: model_args and requests --
+    for name, code, pattern in (
+            ("orders=10**8", "ll(lm(orders=10**8), 'the', ' cat')", "orders"),
+            ("orders=100000", "ll(lm(orders=100000), 'the', ' cat')", "orders"),
+            ("mc_num=10**8", "ll(lm(estimator='mc', mc_num=10**8), 'the', ' cat')", "mc_num"),
+            ("seed=10**25", "lm(seed=10**25)", "seed"),
+            ("max_gen_toks=-5", "lm(max_gen_toks=-5)", "max_gen_toks"),
+            ("unknown model_arg", "lm(nope=1)", "nope"),
+            ("lone surrogate in a context", "ll(lm(), 'a\\ud800', ' cat')", "utf|surrogate"),
+            ("lone surrogate in generate_until", "gen(lm(), 'a\\ud800')", "utf|surrogate"),
+            ("empty context and continuation", "ll(lm(), '', '')", "empty"),
+            ("generate_until temperature -1", "gen(lm(), 'the', temperature=-1.0)", "temperature")):
+        api("lm-eval", name, LMEVAL + code, pattern=pattern)
+    api("lm-eval", "<|mask|> context is plain text", LMEVAL
+        + "v, _ = ll(lm(), '<|mask|>', ' the')\nw, _ = ll(lm(), 'the', ' <|mask|>')\n"
+          "assert -1000 < v < 0 and -1000 < w < 0, (v, w)", expect="ok")
+    api("lm-eval", "pretrained=esolm-small (shipped name)", LMEVAL
+        + "EsoLMLM(pretrained='esolm-small')", expect="ok")
+    api("lm-eval", "a valid loglikelihood", LMEVAL + "ll(lm(), 'the', ' cat')", expect="ok")
+
+    # -- eval-task and rl: counts, prompt files, reward files, names --
+    E = ["eval-task", T, "arithmetic"]
+    for flags, pattern in ((["--steps", "1000000000"], "steps"), (["--prompts", "1000000000"], "prompts"),
+                           (["--temperature", "-1"], "temperature"), (["--top-p", "2"], "top")):
+        cli("eval-task and rl", "eval-task " + " ".join(flags), E + flags, pattern=pattern)
+    cli("eval-task and rl", "eval-task esolm-small (shipped name)", ["eval-task", "esolm-small", "arithmetic",
+                                                                    "--prompts", "2"], expect="ok")
+    cli("eval-task and rl", "eval-task a valid run", E + ["--prompts", "4"], expect="ok")
+    R = ["rl", "arithmetic", f"policy={T}", "trainer.max_steps=1", "task.eval_every=0", "trainer.progress=false",
+         "rl.group_size=2", "rl.prompts_per_step=2"]
+    for over, pattern in (("rl.steps=1000000000", "steps"), ("rl.group_size=100000", "group_size|memory|large"),
+                          ("rl.prompts_per_step=100000", "prompts_per_step|memory|large|prompts")):
+        cli("eval-task and rl", over, [*R, f"trainer.out_dir={w / 'rl' / over}", over], pattern=pattern)
+    custom = [*R, "task.name=null"]
+    for name, prompts, reward, pattern, limit in (
+            ("reward never returns", "prompts.jsonl", "r_hang.py:score", "time|reward", 120),
+            ("reward with a syntax error", "prompts.jsonl", "r_syntax.py:score", "syntax|reward", 60),
+            ("reward raising at import", "prompts.jsonl", "r_import.py:score", "reward|boom", 60),
+            ("reward generator that raises", "prompts.jsonl", "r_generator.py:score", "reward", 60),
+            ("reward values 10**400", "prompts.jsonl", "r_overflow.py:score", "reward|finite|large|overflow", 60),
+            ("reward returning a dict", "prompts.jsonl", "r_dict.py:score", "reward|list|dict", 60),
+            ("reward calling sys.exit(0)", "prompts.jsonl", "r_exit.py:score", "reward|exit", 60),
+            ("prompt file: 5000-digit integer", "bigint_prompts.jsonl", "r_ok.py:score", "prompt|integer|digit", 60),
+            ("prompt file: nesting 200000 deep", "deep_prompts.jsonl", "r_ok.py:score", "prompt|nest|deep", 60),
+            ("prompt file: lone surrogate", "surrogate_prompts.jsonl", "r_ok.py:score", "utf|surrogate|prompt", 60)):
+        cli("eval-task and rl", name, [*custom, f"trainer.out_dir={w / 'rl' / name.replace(' ', '_')}",
+                                       f"task.prompts={w / prompts}", f"task.reward={w / reward}"],
+            pattern=pattern, limit=limit)
+    cli("eval-task and rl", "rl on a binary YAML", ["rl", str(w / "binary.yaml")], pattern="yaml|utf|decode|read")
+    cli("eval-task and rl", "prompt file with <|mask|> and <|endoftext|> text", [
+        *custom, f"trainer.out_dir={w / 'rl' / 'mask'}", f"task.prompts={w / 'mask_prompts.jsonl'}",
+        f"task.reward={w / 'r_ok.py'}:score"], expect="ok")
+    cli("eval-task and rl", "prompts of different lengths", [
+        *custom, f"trainer.out_dir={w / 'rl' / 'mixed'}", f"task.prompts={w / 'mixed_prompts.jsonl'}",
+        f"task.reward={w / 'r_ok.py'}:score"], expect="ok")
+
+    # -- sample: speculative draft lengths and trace output --
+    S = ["sample", M, "--num-samples", "1", "--out", str(w / "spec.jsonl")]
+    for k in ("1000000", str(10**12), str(10**30)):
+        cli("speculative and trace", f"--speculative {k[:8]}", S + ["--speculative", k], pattern="speculative|draft")
+    cli("speculative and trace", "--steps 1e9", S + ["--steps", "1000000000"], pattern="steps")
+    for name, target, pattern in (("/sys", "/sys/t.html", "trace|writ|permission"),
+                                  ("300-character name", str(w / ("t" * 300 + ".html")), "trace|name|long"),
+                                  ("empty path", "", "trace|empty"), ("'-'", "-", "trace|-")):
+        cli("speculative and trace", f"--trace-html {name}", S + ["--trace-html", target], pattern=pattern)
+    cli("speculative and trace", "--out and --trace-html the same file",
+        ["sample", M, "--num-samples", "1", "--out", str(w / "same.html"), "--trace-html", str(w / "same.html")],
+        pattern="same|trace")
+    loop = w / "loopdir"
+    loop.mkdir(exist_ok=True)
+    if not (loop / "esolm-small").is_symlink():
+        (loop / "esolm-small").symlink_to(loop / "esolm-small")
+    api("speculative and trace", "a local esolm-small that is a symlink loop",
+        f"import os\nos.chdir({str(loop)!r})\nesolm.io.load_model('esolm-small')", pattern="esolm-small|link|loop")
+    cli("speculative and trace", "speculative with a trace (valid)", S + ["--speculative", "3", "--trace-html",
+                                                                         str(w / "spec.html")], expect="ok")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Running
 
@@ -350,7 +551,7 @@ def _child(case: Case, w: Path, result_path: str) -> None:
             import esolm
             import esolm.io
             import esolm.sampling  # noqa: F401
-            exec(case.code, {"esolm": esolm, "W": w})
+            exec(case.code, {"esolm": esolm, "W": w, "__name__": "__sweep__"})
             res["rc"] = 0
     except BaseException as e:  # noqa: BLE001 - classified by the parent
         res["exc"] = type(e).__name__
@@ -409,7 +610,7 @@ def run_case(case: Case, w: Path) -> None:
         finally:
             os._exit(1)
     killed = None
-    deadline = time.monotonic() + TIME_LIMIT
+    deadline = time.monotonic() + case.limit
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -417,7 +618,7 @@ def run_case(case: Case, w: Path) -> None:
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            killed = f"over {TIME_LIMIT} s"
+            killed = f"over {case.limit} s"
             break
         time.sleep(0.02)
     case.seconds = round(time.perf_counter() - t0, 2)
@@ -473,7 +674,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="esolm-sweep-") as tmp:
         w = Path(tmp)
         build_workspace(w)
-        todo = cases(w)
+        todo = cases(w) + new_surface_cases(w)
         if args.only:
             todo = [c for c in todo if re.search(args.only, f"{c.category}: {c.name}")]
         for i, c in enumerate(todo):
