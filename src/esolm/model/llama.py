@@ -345,4 +345,44 @@ class EsoLlama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-__all__ = ["EsoLlamaConfig", "EsoLlama", "MASK_OUTPUT_BIAS"]
+# --------------------------------------------------------------------------------------------------
+# The shifted query convention (issue 20 item 2; docs/llama.md): a design prototype, not yet used by samplers or
+# objectives. The query predicting position p is the token at p - 1 (a mask where p - 1 is not visible) at rotary
+# position p - 1, as the pretrained AR model's row p - 1 predicts token p.
+# --------------------------------------------------------------------------------------------------
+
+
+def shift_queries(x_sorted: Tensor, order: Tensor, n_clean: Tensor, mask_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The query row of every sorted index ``l`` (target position ``p = order[:, l]``) under the shifted convention.
+
+    ``n_clean`` [L] or [B, L]: how many sorted tokens are clean (visible) to the query of ``l``: ``l`` for the
+    sequential conditionals ``p(x_order(l) | x_order(<l))``, ``lo`` for a decoding step ``[lo, hi)``. Returns
+    ``ids`` (the token at ``p - 1`` if its sorted index is below ``n_clean[l]``, else ``mask_id``), ``positions``
+    (``p - 1``) and ``prev`` (the sorted index of position ``p - 1``), each [B, L]. Position 0 has no predecessor
+    and must be given (a start token): its row is a mask at position 0 with ``prev = -1``, to be ignored.
+    """
+    b, n = order.shape
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, n))
+    positions = (order - 1).clamp_min(0)
+    prev = torch.where(order > 0, rank.gather(1, positions), -1)
+    visible = (prev >= 0) & (prev < n_clean.expand(b, n))
+    ids = torch.where(visible, x_sorted.gather(1, prev.clamp_min(0)), mask_id)
+    return ids, positions, prev
+
+
+def shift_mask(prev: Tensor, n_clean: Tensor) -> Tensor:
+    """Boolean mask [B, 1, 2L, 2L] of the one-pass input ``[queries (L) ; x sorted (L)]`` (the layout of
+    :func:`esolm.model.masks.sequential`): x-row ``i`` sees x-keys ``j <= i``; the query of ``l`` sees itself and
+    the x-keys ``j < n_clean[l]`` except ``j = prev[l]`` (its own input token, which it re-reads at the same
+    position: keeping both would count that key twice); x never sees a query."""
+    b, n = prev.shape
+    j = torch.arange(n, device=prev.device)
+    q_to_x = (j[None, None, :] < n_clean.expand(b, n)[..., None]) & (j[None, None, :] != prev[..., None])
+    q_to_q = torch.eye(n, dtype=torch.bool, device=prev.device).expand(b, n, n)
+    x_to_x = (j[None, :] <= j[:, None]).expand(b, n, n)
+    top = torch.cat([q_to_q, q_to_x], dim=-1)
+    bottom = torch.cat([torch.zeros_like(x_to_x), x_to_x], dim=-1)
+    return torch.cat([top, bottom], dim=-2)[:, None]
+
+
+__all__ = ["EsoLlamaConfig", "EsoLlama", "MASK_OUTPUT_BIAS", "shift_queries", "shift_mask"]
