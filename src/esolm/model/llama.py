@@ -1,0 +1,388 @@
+"""A Llama-family backbone (SmolLM2, Llama 2/3 without rope scaling) behind esolm's method-agnostic network
+interface: the same ``forward`` as :class:`esolm.model.backbone.DiT`, so every sampler and likelihood of esolm
+runs on it unchanged.
+
+What makes it Eso-LM, AR or anything else is, as for the DiT, the order of the input tokens, their rotary
+positions and the boolean attention mask (:mod:`esolm.model.masks`) — not the network.
+
+* token embedding ``embed_tokens.weight`` of ``base_vocab_size + 1`` rows: the pretrained vocabulary, then the
+  **mask token** (``mask_id = base_vocab_size``), initialised to the mean of the pretrained rows;
+* pre-norm blocks: RMSNorm, grouped-query attention (``n_kv_heads`` key/value heads shared by
+  ``n_heads / n_kv_heads`` query heads each) with rotary embeddings at an **explicit position per token**
+  (Hugging Face's rotate-half convention, base ``rope_theta``), SwiGLU MLP; no biases, no dropout, no time
+  conditioning (no adaLN);
+* final RMSNorm and the output layer: the embedding matrix when ``tie_word_embeddings`` (SmolLM2), else
+  ``lm_head.weight`` of ``base_vocab_size + 1`` rows, whose mask row starts at zero. The mask's output logit
+  carries a fixed bias :data:`MASK_OUTPUT_BIAS` (-1e6), so the mask is never predicted; esolm's losses and
+  samplers replace that logit anyway (``-1e6`` in ``token_nll``, ``-inf`` in ``draw``), so it receives no
+  gradient.
+
+Parameter names are Hugging Face's without the ``model.`` prefix (``layers.0.self_attn.q_proj.weight``, ...):
+:mod:`esolm.io.llama` loads a Llama folder or GGUF file by name.
+
+Precision follows Hugging Face's ``LlamaForCausalLM`` in float32/bfloat16/float16 (RMSNorm statistics and
+rotary tables in float32, the rest in the weights' dtype), and is float64 throughout when the weights are
+float64 — where Hugging Face's implementation would drop to float32 — so that esolm's identities (KV cache
+== uncached, one-pass likelihood == per-token passes) can be proven to 1e-10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esolm.config import MAX_LENGTH
+from esolm.errors import ConfigError
+from esolm.model.attention import KVCache, attend
+from esolm.model.backbone import at_least_fp32
+
+Tensor = torch.Tensor
+
+# The mask token's fixed output bias: its logit is ``h . w_mask - 1e6``, never the argmax of a trained or random
+# model. (The value of ``esolm.objectives.MASK_LOGIT``; not imported: esolm.objectives imports esolm.model.)
+MASK_OUTPUT_BIAS = -1e6
+
+
+@dataclass(frozen=True)
+class EsoLlamaConfig:
+    """Architecture of an :class:`EsoLlama`: a Llama network plus one appended mask token.
+
+    ``vocab_size`` (``base_vocab_size + 1``) and ``mask_id`` (``base_vocab_size``) are derived: the mask is always
+    the row appended after the pretrained vocabulary. ``length`` is the longest sequence (number of rotary
+    positions and default KV-cache capacity) the model is used for.
+    """
+
+    base_vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    length: int
+    rope_theta: float = 10_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding and of the logits: the pretrained vocabulary and the mask token."""
+        return self.base_vocab_size + 1
+
+    @property
+    def mask_id(self) -> int:
+        return self.base_vocab_size
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def validate(self) -> None:
+        def req(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("base_vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
+                     "head_dim", "length"):
+            v = getattr(self, name)
+            req(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                f"{name} must be a positive integer, got {v!r}")
+        req(self.length <= MAX_LENGTH, f"model length {self.length:,} is larger than esolm accepts ({MAX_LENGTH:,})")
+        req(self.n_heads % self.n_kv_heads == 0,
+            f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}) for grouped-query attention")
+        req(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rotary embeddings")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            req(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+                f"{name} must be a positive finite number, got {v!r}")
+        req(isinstance(self.tie_word_embeddings, bool),
+            f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+
+    def parameter_count(self) -> int:
+        """Number of parameters of ``EsoLlama(self)``, without building it."""
+        d, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        block = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d
+        heads = 1 if self.tie_word_embeddings else 2
+        return heads * self.vocab_size * d + self.n_layers * block + d
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EsoLlamaConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a Llama config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown Llama config keys: {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in d)
+        if missing:
+            raise ConfigError(f"the Llama config lacks {', '.join(missing)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+class RMSNorm(nn.Module):
+    """Hugging Face's ``LlamaRMSNorm``: statistics in at least float32, the scale in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = at_least_fp32(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` in ``x``'s dtype (the tables are cast to it, as Hugging Face does)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Rotary:
+    """Rotary tables at explicit positions. The inverse frequencies are computed in the dtype of the angles
+    (float32, as Hugging Face, or float64 for a float64 model) and kept per (dtype, device): not a buffer, so
+    casting the model to bfloat16 never rounds them."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim = head_dim
+        self.theta = float(theta)
+        self._inv_freq: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def inv_freq(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (dtype, device)
+        if key not in self._inv_freq:
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).to(dtype) / self.head_dim
+            self._inv_freq[key] = 1.0 / (self.theta ** exponent)
+        return self._inv_freq[key]
+
+    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions [B, S] -> cos, sin [B, 1, S, head_dim] in ``dtype`` (angles in at least float32)."""
+        angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        freqs = positions.to(angle_dtype)[..., None] * self.inv_freq(angle_dtype, positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention; the KV cache holds the ``n_kv_heads`` un-expanded heads."""
+
+    def __init__(self, cfg: EsoLlamaConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.groups = cfg.n_heads, cfg.n_kv_heads, hd, cfg.kv_groups
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, n, self.head_dim).transpose(1, 2)
+
+    def _expand(self, kv: Tensor) -> Tensor:
+        """[B, n_kv, K, D] -> [B, n_heads, K, D]: query head h reads key/value head h // groups (HF ``repeat_kv``)."""
+        if self.groups == 1:
+            return kv
+        b, n, k, d = kv.shape
+        return kv[:, :, None].expand(b, n, self.groups, k, d).reshape(b, n * self.groups, k, d)
+
+    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
+                layer: int, rows: slice | None) -> Tensor:
+        """``rows``: compute only these queries (their keys/values are computed for every token)."""
+        cos, sin = rope
+        k = apply_rotary(self._heads(self.k_proj(h), self.n_kv_heads), cos, sin)
+        v = self._heads(self.v_proj(h), self.n_kv_heads)
+        if rows is not None:
+            h, cos, sin = h[:, rows], cos[:, :, rows], sin[:, :, rows]
+            if mask is not None and mask.shape[-2] > 1:
+                mask = mask[..., rows, :]
+        q = apply_rotary(self._heads(self.q_proj(h), self.n_heads), cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = attend(q, self._expand(k), self._expand(v), mask)
+        b, _, s, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: EsoLlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: EsoLlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
+                layer: int, rows: slice | None = None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, rows)
+        x = (x if rows is None else x[:, rows]) + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class EsoLlama(nn.Module):
+    """The Llama backbone with esolm's interface.
+
+    ``forward(input_ids, positions=None, mask=None, sigma=None, cache=None, commit=0, cond=None,
+    logits_slice=None)``, as :meth:`esolm.model.backbone.DiT.forward`:
+
+    * ``input_ids`` [B, S]: tokens in the order the method chose; ``positions`` [B, S]: each token's rotary
+      position (default ``arange(S)``), in any order;
+    * ``mask``: boolean attention mask broadcastable to [B, 1, S, S_kv] (``True`` = may attend; ``None`` =
+      full attention), over the cached keys then the new ones;
+    * ``cache``/``commit``: with a :class:`~esolm.model.attention.KVCache`, the new tokens attend to the cached
+      ones too, and the keys/values of the first ``commit`` new tokens are kept;
+    * ``sigma``, ``cond``: accepted and ignored (no time conditioning; :meth:`frozen_conditioning` gives
+      ``None``);
+    * ``logits_slice``: compute the last block's queries and the output layer only for ``x[:, logits_slice]``.
+
+    Returns raw logits [B, S | len(slice), vocab_size] in float32 (float64 for a float64 model).
+    """
+
+    def __init__(self, config: EsoLlamaConfig):
+        super().__init__()
+        if not isinstance(config, EsoLlamaConfig):
+            raise ConfigError(f"EsoLlama needs an EsoLlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Hugging Face's Llama initialisation (normal(0, std) weights, unit norms), then :meth:`init_mask_token`."""
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        self.init_mask_token()
+
+    @torch.no_grad()
+    def init_mask_token(self) -> None:
+        """The mask's embedding row := the mean of the pretrained rows; its untied output row := 0."""
+        emb = self.embed_tokens.weight
+        mask_id = self.config.mask_id
+        emb[mask_id] = at_least_fp32(emb[:mask_id]).mean(0).to(emb.dtype)
+        if self.lm_head is not None:
+            self.lm_head.weight[mask_id] = 0.0
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config.n_layers, max_len or self.config.length)
+
+    def frozen_conditioning(self, batch_size: int, sigma: Tensor | None = None) -> None:
+        """Nothing to fold: the network has no time conditioning. Samplers pass the ``None`` back as ``cond``."""
+        return None
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
+                sigma: Tensor | None = None, cache: KVCache | None = None, commit: int = 0,
+                cond: None = None, logits_slice: slice | None = None) -> Tensor:
+        b, s = input_ids.shape
+        if positions is None:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i, logits_slice if i == last else None)
+        if cache is not None:
+            cache.commit(commit)
+        logits = F.linear(self.norm(x), self.output_weight)
+        logits[..., self.config.mask_id] += MASK_OUTPUT_BIAS
+        return at_least_fp32(logits)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# The shifted query convention (issue 20 item 2; docs/llama.md): a design prototype, not yet used by samplers or
+# objectives. The query predicting position p is the token at p - 1 (a mask where p - 1 is not visible) at rotary
+# position p - 1, as the pretrained AR model's row p - 1 predicts token p.
+# --------------------------------------------------------------------------------------------------
+
+
+def shift_queries(x_sorted: Tensor, order: Tensor, n_clean: Tensor, mask_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The query row of every sorted index ``l`` (target position ``p = order[:, l]``) under the shifted convention.
+
+    ``n_clean`` [L] or [B, L]: how many sorted tokens are clean (visible) to the query of ``l``: ``l`` for the
+    sequential conditionals ``p(x_order(l) | x_order(<l))``, ``lo`` for a decoding step ``[lo, hi)``. Returns
+    ``ids`` (the token at ``p - 1`` if its sorted index is below ``n_clean[l]``, else ``mask_id``), ``positions``
+    (``p - 1``) and ``prev`` (the sorted index of position ``p - 1``), each [B, L]. Position 0 has no predecessor
+    and must be given (a start token): its row is a mask at position 0 with ``prev = -1``, to be ignored.
+    """
+    b, n = order.shape
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, n))
+    positions = (order - 1).clamp_min(0)
+    prev = torch.where(order > 0, rank.gather(1, positions), -1)
+    visible = (prev >= 0) & (prev < n_clean.expand(b, n))
+    ids = torch.where(visible, x_sorted.gather(1, prev.clamp_min(0)), mask_id)
+    return ids, positions, prev
+
+
+def shift_mask(prev: Tensor, n_clean: Tensor) -> Tensor:
+    """Boolean mask [B, 1, 2L, 2L] of the one-pass input ``[queries (L) ; x sorted (L)]`` (the layout of
+    :func:`esolm.model.masks.sequential`): x-row ``i`` sees x-keys ``j <= i``; the query of ``l`` sees itself and
+    the x-keys ``j < n_clean[l]`` except ``j = prev[l]`` (its own input token, which it re-reads at the same
+    position: keeping both would count that key twice); x never sees a query."""
+    b, n = prev.shape
+    j = torch.arange(n, device=prev.device)
+    q_to_x = (j[None, None, :] < n_clean.expand(b, n)[..., None]) & (j[None, None, :] != prev[..., None])
+    q_to_q = torch.eye(n, dtype=torch.bool, device=prev.device).expand(b, n, n)
+    x_to_x = (j[None, :] <= j[:, None]).expand(b, n, n)
+    top = torch.cat([q_to_q, q_to_x], dim=-1)
+    bottom = torch.cat([torch.zeros_like(x_to_x), x_to_x], dim=-1)
+    return torch.cat([top, bottom], dim=-2)[:, None]
+
+
+__all__ = ["EsoLlamaConfig", "EsoLlama", "MASK_OUTPUT_BIAS", "shift_queries", "shift_mask"]
