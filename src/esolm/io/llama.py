@@ -22,7 +22,7 @@ import torch
 
 from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io.pretrained import CONFIG_NAME, _read_json, _weight_files
-from esolm.io.safe_pickle import one_line, read_checkpoint
+from esolm.io.safe_pickle import cause_line, read_checkpoint
 from esolm.io.weights import (
     WEIGHT_DTYPES,
     Layout,
@@ -251,7 +251,7 @@ def from_gguf(path: str | Path, *, dtype: torch.dtype | None = None, length: int
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=str(file.resolve()))
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign GGUF file: one line (its reader's errors vary)
-        raise CheckpointError(f"{file}: cannot be read as a GGUF model ({one_line(exc)})") from None
+        raise CheckpointError(f"{file}: cannot be read as a GGUF model ({cause_line(exc)})") from None
     return from_hf_model(hf_model, dtype=dtype, length=length, where=str(file))
 
 
