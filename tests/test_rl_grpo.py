@@ -67,13 +67,16 @@ def test_group_advantages_and_clipped_loss_follow_their_formulas():
     assert a[4:].abs().max() == 0  # a group with equal rewards teaches nothing
     torch.testing.assert_close(group_advantages(r, 4, scale=False), (g - g.mean(1, keepdim=True)).reshape(-1))
     old = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.9]], dtype=torch.float64))
-    new = old + torch.tensor([[0.5, -0.5], [0.05, 0.0]], dtype=torch.float64)
+    new = old + torch.tensor([[0.5, -0.5], [-0.5, 0.0]], dtype=torch.float64)
     adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
     loss, stats = grpo_loss(new, old, adv, 0.2)
     rho = (new - old).exp()
     want = -torch.minimum(rho * adv[:, None], rho.clamp(0.8, 1.2) * adv[:, None]).mean()
     assert float(loss) == pytest.approx(float(want), abs=1e-15)
-    assert stats["clip_frac"] == 0.5
+    # the clip is active where it removes the gradient (TRL): rho > 1 + eps with A > 0 (token [0, 0]) and
+    # rho < 1 - eps with A < 0 (token [1, 0]); rho < 1 - eps with A > 0 (token [0, 1]) is not clipped
+    assert (stats["clip_high"], stats["clip_low"], stats["clip_frac"]) == (0.25, 0.25, 0.5)
+    assert stats["ratio_max"] == pytest.approx(math.exp(0.5), abs=1e-15) and stats["tokens"] == 4
     ref_lp = old - 0.3
     loss_kl, stats = grpo_loss(new, old, adv, 0.2, ref_lp, beta=0.1)
     d = ref_lp - new
