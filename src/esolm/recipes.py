@@ -359,7 +359,7 @@ def read_yaml(path: Path, what: str) -> dict:
         raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                           f"{e.start})") from None
     except (ValueError, RecursionError) as e:  # integers past Python's digit limit, nesting past the stack
-        raise ConfigError(f"{what} {path} cannot be read: {type(e).__name__}: {str(e).splitlines()[0][:100]}") from None
+        raise ConfigError(f"{what} {path} cannot be read: {type(e).__name__}: {str(e).split(':')[0][:100]}") from None
     except OSError as e:
         raise ConfigError(f"{what} {path} cannot be read ({e.strerror or type(e).__name__})") from None
 

@@ -33,7 +33,7 @@ def _record(p: Path, i: int, line: str) -> str:
     except json.JSONDecodeError:
         raise UserError(f"{p}:{i} is not a JSON object") from None
     except ValueError as e:  # an integer literal past Python's digit limit
-        raise UserError(f"{p}:{i} cannot be read: {str(e)[:100]}") from None
+        raise UserError(f"{p}:{i} cannot be read: {str(e).split(':')[0][:100]}") from None
     except RecursionError:
         raise UserError(f"{p}:{i} nests JSON too deeply to be read") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
