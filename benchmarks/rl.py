@@ -52,9 +52,10 @@ def policy_gradients(task: str, batches: int, seed: int = 0) -> dict:
     """GRPO gradients at ratio 1 of the starting policy on the same rollouts, for both estimators."""
     from esolm.rl.config import load_rl_config
     from esolm.rl.grpo import group_advantages, grpo_loss, rollout_groups
-    from esolm.rl.prompts import checked_rewards, decode_completions, prompt_source
+    from esolm.rl.prompts import decode_completions, prompt_source
     from esolm.rl.run import load_policy
     from esolm.rl.trajectory import sequence_logprobs
+    from esolm.sampling.params import SamplingParams
     from esolm.training.module import step_seed
 
     cfg = load_rl_config(task)
@@ -67,13 +68,14 @@ def policy_gradients(task: str, batches: int, seed: int = 0) -> dict:
     grads = {"exact": [], "mean-field": []}
     for k in range(batches):
         prompts = source.train(rl.prompts_per_step, step_seed(seed, k))
-        rolls, rows = rollout_groups(model, method, tok, prompts, rl.group_size, rl, step_seed(seed, k, 1))
+        rolls, rows = rollout_groups(model, method, tok, prompts, rl.group_size, SamplingParams.from_rl(rl),
+                                     step_seed(seed, k, 1))
         flat = [p for p in prompts for _ in range(rl.group_size)]
         comps = [""] * len(flat)
         for r, idx in zip(rolls, rows):
             for i, t in zip(idx, decode_completions(tok, r.tokens, r.prompt_len)):
                 comps[i] = t
-        adv = group_advantages(checked_rewards(source.reward, flat, comps), rl.group_size)
+        adv = group_advantages(source.rewards(flat, comps), rl.group_size)
         for lik in grads:
             model.zero_grad()
             for j, (r, idx) in enumerate(zip(rolls, rows)):
@@ -101,13 +103,14 @@ def likelihood_cost(task: str, repeats: int = 20) -> dict:
     from esolm.rl.prompts import prompt_source
     from esolm.rl.run import load_policy
     from esolm.rl.trajectory import sequence_logprobs
+    from esolm.sampling.params import SamplingParams
 
     cfg = load_rl_config(task)
     loaded = load_policy(cfg.policy)
     model, method, tok = loaded.model.float().eval(), loaded.method, loaded.tokenizer
     rl = cfg.rl
     prompts = prompt_source(cfg.task.name).train(rl.prompts_per_step, 0)
-    (r,), _ = rollout_groups(model, method, tok, prompts, rl.group_size, rl, 0)
+    (r,), _ = rollout_groups(model, method, tok, prompts, rl.group_size, SamplingParams.from_rl(rl), 0)
     times = {}
     for lik in ("exact", "mean-field"):
         ts = []

@@ -16,13 +16,13 @@ import torch
 from esolm import DiT, ModelConfig, cli
 from esolm.data.tokenizers import get_tokenizer
 from esolm.io import load_model, save_pretrained
-from esolm.rl.grpo import group_advantages, grpo_loss
+from esolm.rl import grpo
+from esolm.rl.grpo import group_advantages, grpo_loss, merge_stats
 from esolm.training.checkpoints import read_checkpoint
 
 
-@pytest.fixture(scope="module")
-def policies(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
+def make_policies(root):
+    """Tiny length-14 policies with the character tokenizer (Eso-LM (B), (A), MDLM) and a parity reward."""
     tok = get_tokenizer("chars")
     out = {}
     for name, method in {"b": {"name": "esolm", "variant": "B", "alpha0": 0.5},
@@ -39,6 +39,11 @@ def policies(tmp_path_factory):
     out["root"] = root
     out["reward"] = f"{root / 'parity.py'}:score"  # varies across a random policy's completions
     return out
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    return make_policies(tmp_path_factory.mktemp("rl"))
 
 
 def run_cli(argv, capsys):
@@ -67,13 +72,16 @@ def test_group_advantages_and_clipped_loss_follow_their_formulas():
     assert a[4:].abs().max() == 0  # a group with equal rewards teaches nothing
     torch.testing.assert_close(group_advantages(r, 4, scale=False), (g - g.mean(1, keepdim=True)).reshape(-1))
     old = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.9]], dtype=torch.float64))
-    new = old + torch.tensor([[0.5, -0.5], [0.05, 0.0]], dtype=torch.float64)
+    new = old + torch.tensor([[0.5, -0.5], [-0.5, 0.0]], dtype=torch.float64)
     adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
     loss, stats = grpo_loss(new, old, adv, 0.2)
     rho = (new - old).exp()
     want = -torch.minimum(rho * adv[:, None], rho.clamp(0.8, 1.2) * adv[:, None]).mean()
     assert float(loss) == pytest.approx(float(want), abs=1e-15)
-    assert stats["clip_frac"] == 0.5
+    # the clip is active where it removes the gradient (TRL): rho > 1 + eps with A > 0 (token [0, 0]) and
+    # rho < 1 - eps with A < 0 (token [1, 0]); rho < 1 - eps with A > 0 (token [0, 1]) is not clipped
+    assert (stats["clip_high"], stats["clip_low"], stats["clip_frac"]) == (0.25, 0.25, 0.5)
+    assert stats["ratio_max"] == pytest.approx(math.exp(0.5), abs=1e-15) and stats["tokens"] == 4
     ref_lp = old - 0.3
     loss_kl, stats = grpo_loss(new, old, adv, 0.2, ref_lp, beta=0.1)
     d = ref_lp - new
@@ -89,6 +97,98 @@ def test_loss_gradient_at_ratio_one_is_the_policy_gradient():
     pg = -(adv[:, None] * theta.log_softmax(-1)[:, :4]).mean()
     (g2,) = torch.autograd.grad(pg, theta)
     torch.testing.assert_close(g1, g2, rtol=0, atol=1e-15)
+
+
+def test_zero_probability_tokens_never_make_the_loss_nan():
+    """-inf log-probabilities (a truncated law): a token the old law rules out has no ratio and is left out; one
+    the new policy rules out has ratio 0; in the KL a token the policy rules out weighs 0 (ref = new = -inf is not
+    NaN), one only the reference rules out is clamped. Loss and gradient stay finite."""
+    inf = float("inf")
+    theta = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ruled_out = torch.zeros(3, 4, dtype=torch.bool)
+    ruled_out[0, 1] = ruled_out[1, 2] = ruled_out[2, 0] = True
+    new = torch.where(ruled_out, -inf, theta.log_softmax(-1))
+    old = (theta.detach() + 0.1).log_softmax(-1)
+    old[0, 1] = -inf  # old and new both rule out token [0, 1]: it was not drawn from old, no ratio
+    ref = old.clone()
+    ref[1, 2] = -inf  # reference and new rule out [1, 2] (old does not: its ratio is 0)
+    ref[2, 3] = -inf  # only the reference rules out [2, 3]
+    adv = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    loss, stats = grpo_loss(new, old, adv, 0.2, ref, beta=0.1)
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in stats.values())
+    (g,) = torch.autograd.grad(loss, theta)
+    assert torch.isfinite(g).all() and g.abs().max() > 0
+    assert stats["tokens"] == 11  # token [0, 1] left out
+    # the same loss as the batch without token [0, 1], written out
+    live = torch.ones(3, 4, dtype=torch.bool)
+    live[0, 1] = False
+    rho = (new - old)[live].exp()
+    a = adv[:, None].expand(3, 4)[live]
+    d = (ref - new)[live]
+    kl = torch.where(torch.isneginf(new[live]), 0.0, (d.clamp(-20, 20).exp() - d.clamp(-20, 20) - 1))
+    want = (-torch.minimum(rho * a, rho.clamp(0.8, 1.2) * a) + 0.1 * kl).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-12)
+    assert stats["kl"] == pytest.approx(float(kl.mean()), rel=1e-12)
+    assert stats["kl"] * 11 > 19 - 1e-6  # [2, 3], ruled out by the reference only: clamped, e^-20 + 20 - 1
+
+
+def test_stats_of_groups_merge_to_the_stats_of_the_batch():
+    g = torch.Generator().manual_seed(1)
+    old = torch.randn(7, 5, dtype=torch.float64, generator=g).log_softmax(-1)
+    new = old + 0.4 * torch.randn(7, 5, dtype=torch.float64, generator=g)
+    ref = old + 0.2 * torch.randn(7, 5, dtype=torch.float64, generator=g)
+    adv = torch.randn(7, dtype=torch.float64, generator=g)
+    _, whole = grpo_loss(new, old, adv, 0.2, ref, 0.1)
+    parts = [grpo_loss(new[s], old[s], adv[s], 0.2, ref[s], 0.1)[1] for s in (slice(0, 2), slice(2, 7))]
+    assert parts[0]["clip_frac"] != parts[1]["clip_frac"] and whole["clip_low"] > 0 and whole["clip_high"] > 0
+    merged = merge_stats(parts)
+    assert merged.keys() == whole.keys()
+    for k in whole:
+        assert merged[k] == pytest.approx(whole[k], rel=1e-12), k
+
+
+def test_mean_field_passes_share_one_prompt_mask_and_stats_cover_every_group(policies, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Mean-field with prompt masking, top-p, KL and two inner updates, on prompts of three lengths (three groups
+    per batch): at every first inner update old and new are the same pass (ratio exactly 1, nothing clipped), at
+    the first the reference too (KL exactly 0); every loss is finite; the logged stats are those of all groups."""
+    calls: list[list[dict]] = []
+    step, loss = grpo.LitGRPO.training_step, grpo.grpo_loss
+
+    def training_step(self, *args):
+        calls.append([])
+        return step(self, *args)
+
+    def recording_loss(*args, **kwargs):
+        out = loss(*args, **kwargs)
+        calls[-1].append(out[1])
+        return out
+
+    monkeypatch.setattr(grpo.LitGRPO, "training_step", training_step)
+    monkeypatch.setattr(grpo, "grpo_loss", recording_loss)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(["1+1=", "2+2=", "3+5=", "12+34=", "40+21=", "11+11=", "7=", "8=", "9="]) + "\n")
+    out = tmp_path / "o"
+    rc, _, err = run_cli(rl_args(policies["b"], out, "task.name=null", f"task.prompts={prompts}",
+                                 f"task.reward={policies['reward']}", "rl.likelihood=mean-field", "rl.mask_prompt=0.5",
+                                 "rl.top_p=0.5", "rl.beta=0.05", "rl.inner_updates=2", "rl.prompts_per_step=6",
+                                 "rl.group_size=2", "optim.lr=0.05", "trainer.max_steps=3"), capsys)
+    assert rc == 0, err
+    logs = next((out / "logs").rglob("metrics.csv")).read_text().splitlines()
+    head = logs[0].split(",")
+    rows = [dict(zip(head, r.split(","))) for r in logs[1:]]
+    rows = {int(r["step"]): {k: float(v) for k, v in r.items() if v} for r in rows}
+    assert sorted(rows) == list(range(6)) and len(calls) == 6
+    assert all(math.isfinite(r["loss"]) for r in rows.values())
+    for k, r in rows.items():
+        if k % 2 == 0:
+            assert r["ratio_max"] == 1.0 and r["clip_frac"] == 0.0, (k, r)
+        merged = merge_stats(calls[k])
+        for key in ("clip_frac", "clip_low", "clip_high", "ratio_max", "kl"):
+            assert r[key] == pytest.approx(merged[key], rel=1e-6, abs=1e-12), (k, key)
+    assert rows[0]["kl"] == 0.0
+    assert max(len(c) for c in calls) >= 2
+    assert any(len({round(s["ratio_max"], 12) for s in c}) > 1 for c in calls)  # groups differ: all of them count
 
 
 def test_a_run_writes_its_outputs_and_resumes_exactly(policies, tmp_path, capsys):

@@ -11,6 +11,7 @@ from esolm.data.datasets import build_datasets, pad_eos_documents, source_texts
 from esolm.data.tokenizers import Tokenizer, get_tokenizer
 from esolm.errors import ConfigError, UserError
 from esolm.recipes import resolve
+from esolm.rl.rewards import load_reward
 from esolm.rl.tasks import (
     TASKS,
     Countdown,
@@ -18,7 +19,6 @@ from esolm.rl.tasks import (
     encode_prompt,
     expressions,
     get_task,
-    load_reward,
     parse_expression,
     sudoku_ok,
     sudoku_solutions,

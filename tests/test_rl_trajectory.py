@@ -204,3 +204,50 @@ def test_trajectory_mask_rejects_steps_that_do_not_tile():
     m = masks.trajectory(4, [(1, 3), (3, 4)])[0, 0]
     # mask of sorted 2 (step [1, 3)) sees x-key 0 and masks 1, 2; not x-key 1
     assert m[4 + 1].tolist() == [True, False, False, False, True, True, False]
+
+
+MDLM = {"name": "mdlm"}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", [MDLM, ESOLM_B])
+def test_mean_field_scores_nucleus_rollouts_under_the_tempered_law(method):
+    """A token drawn by the nucleus sampler given the tokens decoded before it can lie outside the nucleus of the
+    one-step marginal; the mean-field estimate scores it under the tempered law without the nucleus (finite), so
+    GRPO never computes -inf - (-inf)."""
+    model = tiny(seed=4, std=0.1)
+    pg, dg = gens(3)
+    r = rollout(model, method, torch.tensor([[3, 5]]).expand(64, 2), steps=3, temperature=0.8, top_p=0.3,
+                plan_generator=pg, generator=dg)
+    mf = mean_field_logprobs(model, method, r, torch.Generator().manual_seed(0), mask_prompt=0.0)
+    assert torch.isfinite(mf).all()
+    if method is MDLM:  # bidirectional: the one-step input is the clean prompt and the masked completion
+        xt = r.tokens.clone()
+        xt[:, 2:] = model.config.mask_id
+        logits = model(xt)[:, 2:]
+        tempered = token_logprobs(logits, r.completions, model.config.mask_id, None, 0.8)
+        torch.testing.assert_close(mf, tempered, rtol=0, atol=1e-12)
+        truncated = token_logprobs(logits, r.completions, model.config.mask_id, 0.3, 0.8)
+        assert torch.isneginf(truncated).any()  # the case arises: truncating would have scored -inf
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", [MDLM, ESOLM_B])
+def test_mean_field_conditions_on_the_prompt(method):
+    """With ``mask_prompt = 0`` the estimate sees the whole prompt: the same completions after another prompt
+    score differently; with every prompt token masked they score the same."""
+    model = tiny(seed=5, std=0.5)
+    pg, dg = gens(7)
+    r = rollout(model, method, torch.tensor([[3, 5, 7]]).expand(8, 3), steps=4, plan_generator=pg, generator=dg)
+    other = Rollouts(torch.cat([torch.tensor([[9, 2, 4]]).expand(8, 3), r.completions], 1), r.order, r.bounds, 3, None)
+
+    def mf(rr, mask_prompt):
+        return mean_field_logprobs(model, method, rr, torch.Generator().manual_seed(1), mask_prompt)
+
+    assert (mf(r, 0.0) - mf(other, 0.0)).abs().max() > 1e-3
+    torch.testing.assert_close(mf(r, 1.0), mf(other, 1.0), rtol=0, atol=1e-12)
+    if method is MDLM:
+        xt = r.tokens.clone()
+        xt[:, 3:] = model.config.mask_id
+        want = token_logprobs(model(xt)[:, 3:], r.completions, model.config.mask_id, None, 1.0)
+        torch.testing.assert_close(mf(r, 0.0), want, rtol=0, atol=1e-12)

@@ -272,14 +272,17 @@ def _type_ok(value, tp) -> tuple[bool, object]:
     return True, value
 
 
-def _set_field(section, name: str, value, where: str) -> None:
+def set_field(section, name: str, value, where: str) -> None:
+    """Set config key ``where`` (``section.name``) to ``value`` after checking it against the field's type
+    (ConfigError, one line); shared by the training and RL configs."""
     hints = typing.get_type_hints(type(section))
     if name not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(section))
         raise ConfigError(f"unknown config key '{where}' (known in this section: {known})")
     ok, v = _type_ok(value, hints[name])
     if not ok:
-        raise ConfigError(f"config key '{where}' expects {_type_name(hints[name])}, got {value!r}")
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"config key '{where}' expects {_type_name(hints[name])}, got {shown}")
     setattr(section, name, v)
 
 
@@ -302,7 +305,7 @@ def apply_dict(cfg: RunConfig, d: dict, where: str = "") -> RunConfig:
                 section = MethodSection()
                 cfg.method = section
             for name, v in value.items():
-                _set_field(section, name, v, f"{key}.{name}")
+                set_field(section, name, v, f"{key}.{name}")
         else:
             raise ConfigError(f"unknown config section '{key}' (known: {', '.join(SECTIONS)})")
     return cfg
@@ -317,7 +320,7 @@ def parse_override(text: str) -> tuple[str, object]:
         return key, raw.strip()  # DD:HH:MM:SS stays a string (YAML 1.1 would read it as base 60)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # also integers past Python's digit limit, deep nesting
         value = raw
     if isinstance(value, (dt.date, dt.datetime)):
         value = raw
@@ -337,7 +340,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         section, name = parts
         if section == "method" and name == "name":
             cfg.method = MethodSection()
-        _set_field(getattr(cfg, section), name, value, key)
+        set_field(getattr(cfg, section), name, value, key)
     return cfg
 
 
@@ -349,9 +352,16 @@ def available_presets() -> list[str]:
 def read_yaml(path: Path, what: str) -> dict:
     """A YAML mapping file (empty: {}); ConfigError (one line) when it does not parse."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start})") from None
+    except (ValueError, RecursionError) as e:  # integers past Python's digit limit, nesting past the stack
+        raise ConfigError(f"{what} {path} cannot be read: {type(e).__name__}: {str(e).split(':')[0][:100]}") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def load_preset(name_or_path: str) -> RunConfig:

@@ -1,7 +1,10 @@
 """``esolm eval-task MODEL TASK`` — held-out accuracy of a diffusion LM on a verifiable task.
 
-One sample per held-out prompt (``--prompts``, fixed ``--seed``: the same prompts and draws every time) at
-the given law (``--temperature``, ``--top-p``, ``--alpha0``, ``--steps``); accuracy = fraction with reward > 0.5.
+One sample per held-out prompt (``--prompts``, at most 100,000; fixed ``--seed``: the same prompts and draws
+every time) at the given law (``--temperature`` (0: greedy), ``--top-p``, ``--alpha0``, ``--steps``: one
+:class:`~esolm.sampling.params.SamplingParams`, checked against the model before any sampling); accuracy =
+fraction with reward > 0.5. A user's reward function runs in a guarded thread: one call may take at most
+``--reward-timeout`` seconds (default 60).
 
     esolm eval-task runs/task-arithmetic/checkpoints/last.ckpt arithmetic
     esolm eval-task runs/rl-arithmetic/policy arithmetic --prompts 500 --json
@@ -19,38 +22,33 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", help="a checkpoint or exported folder (with its tokenizer)")
     parser.add_argument("task", help="arithmetic, sudoku, countdown, or a prompt file (.txt / .jsonl) with --reward")
     parser.add_argument("--reward", default=None, help="reward callable module:function or file.py:function")
-    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts (default 200)")
+    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts (default 200, at most 100000)")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     parser.add_argument("--top-p", type=_args.top_p, default=None)
     parser.add_argument("--alpha0", type=float, default=None, help="Eso-LM sampling alpha0 (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="diffusion steps (default: completion length)")
-    parser.add_argument("--show", type=int, default=0, help="print this many prompts with their completions")
+    parser.add_argument("--show", type=int, default=0,
+                        help="print this many of the evaluated prompts with their completions")
+    parser.add_argument("--reward-timeout", type=float, default=60.0,
+                        help="seconds one call of the reward function may take (default 60)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args) -> int:
     from esolm.errors import UserError
-    from esolm.rl.config import RLSection
     from esolm.rl.run import evaluate_task
     from esolm.rl.tasks import TASKS
+    from esolm.sampling.params import SamplingParams
 
-    if args.prompts < 1:
-        raise UserError(f"--prompts must be positive, got {args.prompts}")
     shipped = args.task in TASKS
     if not shipped and args.reward is None:
         raise UserError(f"'{args.task}' is not a shipped task ({', '.join(TASKS)}); a prompt file needs --reward")
-    from esolm.methods import check_alpha0, check_temperature
-
-    check_temperature(args.temperature)
-    if args.alpha0 is not None:
-        check_alpha0(args.alpha0)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be positive, got {args.steps}")
-    settings = RLSection(temperature=args.temperature, top_p=args.top_p, alpha0=args.alpha0, steps=args.steps)
+    params = SamplingParams.from_cli(args)  # temperature, top_p, seed, steps, alpha0: checked once, there
     res = evaluate_task(args.model, args.task if shipped else None, None if shipped else args.task, args.reward,
-                        n=args.prompts, seed=args.seed, settings=settings, device=args.device, show=args.show)
+                        n=args.prompts, params=params, device=args.device, show=args.show,
+                        reward_timeout=args.reward_timeout)
     if args.json:
         print(json.dumps(res))
     else:

@@ -11,8 +11,13 @@ Examples::
 ``OUT/checkpoints`` (resumable: the same command continues from ``last.ckpt``), ``OUT/logs``,
 ``OUT/eval.jsonl``, ``OUT/final_metrics.json`` and the final policy in ``OUT/policy``.
 
+``policy`` is any model ``esolm sample`` loads (a path, a shipped model's name such as ``esolm-small``, a Hub
+repo id). A user's reward function runs in a guarded worker thread: one call (one batch) may take at most
+``task.reward_timeout`` seconds (default 60); raising, ``sys.exit``, hanging or returning anything but one
+finite number per completion is a one-line error.
+
 Exit codes: 0 done; 2 a one-line error (bad config, policy, task file, reward function — before any work —
-or a reward function that fails during training; the last checkpoint is kept); 130 interrupted.
+or a reward function that fails or hangs during training; the last checkpoint is kept); 130 interrupted.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -40,7 +39,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from esolm.data.tokenizers import check_text
 from esolm.devices import resolve_device
 from esolm.errors import CheckpointError, UserError
-from esolm.io import is_repo_id, load_model
+from esolm.io import load_model
+from esolm.io.pretrained import resolve_model
 from esolm.likelihood import exact_token_logprobs, log_mean_exp
 from esolm.objectives import build_objective
 from esolm.sampling.params import MAX_SEED, SamplingParams, check_integer
@@ -103,8 +103,10 @@ def check_model_args(kwargs: dict) -> dict:
     sampling_defaults(out)  # the decoding values (whether they apply to the method: after loading)
     if out.get("estimator", "auto") not in ("auto", "mc"):
         raise UserError(f"esolm estimator must be auto or mc, got {out['estimator']!r}")
-    if not Path(out["pretrained"]).exists() and not is_repo_id(out["pretrained"]):
-        raise CheckpointError(f"esolm pretrained={out['pretrained']}: no such file or folder")
+    try:
+        resolve_model(out["pretrained"])  # load_model's own name resolution: paths, shipped names, repo ids
+    except CheckpointError as e:
+        raise CheckpointError(f"esolm pretrained={out['pretrained']}: {e}") from None
     return out
 
 

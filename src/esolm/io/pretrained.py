@@ -19,6 +19,7 @@ pickles only through :func:`esolm.io.safe_pickle.read_checkpoint`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -145,19 +146,56 @@ def shipped_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(SHIPPED_DIR.iterdir()) if (p / CONFIG_NAME).is_file()}
 
 
-def _resolve(path_or_repo: str | os.PathLike, revision: str | None, cache_dir: Any, local_files_only: bool) -> Path:
-    """A local path wins, then a shipped model's name, then a Hugging Face repo id."""
-    path = Path(path_or_repo)
-    if path.exists():
+class ModelNotFound(CheckpointError):
+    """Nothing by that name: no local file or folder, no shipped model, no Hugging Face repo id."""
+
+
+def _local(path: Path) -> bool:
+    """Whether ``path`` names something on disk. CheckpointError (one line) when it names something that
+    cannot be read: a broken symbolic link, a symbolic link loop, a folder without permission; it must never
+    silently give way to a shipped model or a repo of the same name."""
+    try:
+        path.stat()
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            raise CheckpointError(f"{path} is a broken symbolic link (to {os.readlink(path)!r})") from None
+        return False
+    except ValueError:  # an embedded NUL: no file can have that name
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        why = "a symbolic link loop" if exc.errno == errno.ELOOP else exc.strerror or type(exc).__name__
+        raise CheckpointError(f"{path} exists but cannot be read ({why})") from None
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
+    """Where :func:`load_model` reads ``name_or_path`` from, without reading or fetching anything: the one
+    name resolution of every surface (``esolm sample``, ``rl``, ``eval-task``, lm-eval's ``pretrained=``).
+
+    A local path wins (``Path``), then the name of a shipped model (its folder, :func:`shipped_models`), then a
+    Hugging Face repo id ``owner/name`` (returned as the ``str`` to fetch). :class:`ModelNotFound` when it is
+    none of them; CheckpointError when a local name exists but cannot be read (a symlink loop, a broken link)."""
+    path = Path(name_or_path)
+    if _local(path):
         return path
-    text = str(path_or_repo)
+    text = os.fspath(name_or_path)
     shipped = shipped_models()
     if text in shipped:
         return shipped[text]
     if is_repo_id(text):
-        return _download(text, revision, cache_dir, local_files_only)
+        return text
     names = f" (shipped models: {', '.join(shipped)})" if shipped else ""
-    raise CheckpointError(f"{text} does not exist (no such file or folder){names}")
+    raise ModelNotFound(f"{text} does not exist (no such file or folder){names}")
+
+
+def _resolve(path_or_repo: str | os.PathLike, revision: str | None, cache_dir: Any, local_files_only: bool) -> Path:
+    """:func:`resolve_model`, fetching a repo id from the Hub."""
+    where = resolve_model(path_or_repo)
+    if isinstance(where, Path):
+        return where
+    return _download(where, revision, cache_dir, local_files_only)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -564,5 +602,6 @@ def save_pretrained(model: DiT, path: str | os.PathLike, method: Method | dict |
     return Path(path)
 
 
-__all__ = ["LoadedModel", "load_model", "load_pretrained", "save_pretrained", "load_authors_state_dict", "is_repo_id",
-           "WEIGHTS_NAME", "CONFIG_NAME", "RECIPE_NAME", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["LoadedModel", "ModelNotFound", "resolve_model", "shipped_models", "load_model", "load_pretrained",
+           "save_pretrained", "load_authors_state_dict", "is_repo_id", "WEIGHTS_NAME", "CONFIG_NAME", "RECIPE_NAME",
+           "FORMAT", "FORMAT_VERSION"]

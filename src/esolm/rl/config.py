@@ -13,10 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from esolm.errors import ConfigError
-from esolm.methods import check_alpha0, check_temperature, check_top_p
-from esolm.recipes import PRESETS_DIR, TrainerSection, _set_field, parse_override, read_yaml
+from esolm.errors import ConfigError, UserError
+from esolm.recipes import PRESETS_DIR, TrainerSection, parse_override, read_yaml, set_field
+from esolm.rl.rewards import DEFAULT_REWARD_TIMEOUT, check_timeout
 from esolm.rl.trajectory import LIKELIHOODS
+from esolm.sampling.params import MAX_SEED, SamplingParams, check_integer
+
+MAX_EVAL_PROMPTS = 100_000  # held-out prompts one evaluation may score (task.eval_prompts, eval-task --prompts)
 
 
 @dataclass
@@ -27,6 +30,7 @@ class TaskSection:
     eval_prompts: int = 200          # held-out prompts for accuracy (fixed seed)
     eval_every: int = 10             # RL iterations between held-out evaluations (0: only before and after)
     eval_seed: int = 1234
+    reward_timeout: float = DEFAULT_REWARD_TIMEOUT  # seconds one call of the reward function may take
 
 
 @dataclass
@@ -37,7 +41,9 @@ class RLSection:
     inner_updates: int = 1           # optimizer steps on each batch of rollouts (mu)
     clip_eps: float = 0.2
     beta: float = 0.0                # KL(policy || reference) weight, k3 estimator; 0 disables
-    temperature: float = 1.0         # rollout law (the log-probs are always those of the law sampled)
+    # the rollout law, a SamplingParams (SamplingParams.from_rl): checked there, once; the log-probs are always
+    # those of the law sampled
+    temperature: float = 1.0         # > 0 (0 would decode greedily: every rollout of a group alike)
     top_p: float | None = None
     alpha0: float | None = None      # Eso-LM rollout alpha0 (default: the policy's)
     steps: int | None = None         # diffusion steps T of the rollout schedule (default: completion length)
@@ -96,7 +102,7 @@ class RLConfig:
         req((t.name is None) != (t.prompts is None), "task: give task.name (a shipped task) or task.prompts "
                                                      "(a prompt file with task.reward), not both")
         req(t.prompts is None or t.reward is not None, "task.prompts needs task.reward (module:function)")
-        req(t.eval_prompts > 0, f"task.eval_prompts must be positive, got {t.eval_prompts}")
+        check_eval_prompts(t.eval_prompts, "task.eval_prompts")
         req(t.eval_every >= 0, "task.eval_every must be >= 0")
         req(r.likelihood in LIKELIHOODS, f"rl.likelihood must be one of {', '.join(LIKELIHOODS)}, "
                                          f"got {r.likelihood!r}")
@@ -107,11 +113,14 @@ class RLConfig:
         req(0.0 < r.clip_eps < 1.0, f"rl.clip_eps must be in (0, 1), got {r.clip_eps}")
         req(r.beta >= 0.0, "rl.beta must be >= 0")
         req(0.0 <= r.mask_prompt < 1.0, "rl.mask_prompt must be in [0, 1)")
-        req(r.steps is None or r.steps >= 1, "rl.steps must be positive")
-        check_temperature(r.temperature)
-        check_top_p(r.top_p)
-        if r.alpha0 is not None:
-            check_alpha0(r.alpha0)
+        check_integer(t.eval_seed, "task.eval_seed", 0, MAX_SEED)
+        try:
+            params = SamplingParams.from_rl(r)  # the rollout knobs' one check
+        except UserError as e:
+            raise ConfigError(f"rl.{e}") from None
+        req(not params.greedy, f"rl.temperature={r.temperature} decodes greedily: the rollouts of a group would "
+                               f"not differ by their tokens and have no law to score; use a temperature > 0")
+        check_timeout(t.reward_timeout)
         req(o.lr > 0, "optim.lr must be positive")
         req(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas invalid: {o.betas}")
         req(o.grad_clip >= 0, "optim.grad_clip must be >= 0")
@@ -119,6 +128,11 @@ class RLConfig:
             req(getattr(tr, k) > 0, f"trainer.{k} must be positive, got {getattr(tr, k)}")
         req(tr.ckpt_every >= 0, "trainer.ckpt_every must be >= 0")
         return self
+
+
+def check_eval_prompts(n, what: str = "held-out prompts") -> int:
+    """How many held-out prompts an evaluation scores: an integer in [1, :data:`MAX_EVAL_PROMPTS`]."""
+    return check_integer(n, what, 1, MAX_EVAL_PROMPTS)
 
 
 def apply_dict(cfg: RLConfig, d: dict) -> RLConfig:
@@ -134,7 +148,7 @@ def apply_dict(cfg: RLConfig, d: dict) -> RLConfig:
                 raise ConfigError(f"config section '{key}' must be a mapping")
             for name, v in value.items():
                 _check_trainer_key(key, name)
-                _set_field(getattr(cfg, key), name, v, f"{key}.{name}")
+                set_field(getattr(cfg, key), name, v, f"{key}.{name}")
         else:
             raise ConfigError(f"unknown RL config section '{key}' (known: policy, {', '.join(SECTIONS)})")
     return cfg

@@ -1,14 +1,16 @@
 """Where RL prompts and rewards come from: a shipped task, or a user's prompt file plus reward callable.
 
-Rewards follow TRL's convention ``reward(prompts, completions) -> list[float]``; :func:`checked_rewards`
-turns anything else a user's function does (raising, NaN, the wrong length or type) into a one-line
-:class:`~esolm.errors.UserError`.
+Rewards follow TRL's convention ``reward(prompts, completions) -> list[float]``; they are called through
+:func:`esolm.rl.rewards.checked_rewards` (a guarded worker thread with a timeout), which turns anything else a
+user's function does (raising, hanging, NaN, the wrong length or type) into a one-line
+:class:`~esolm.errors.UserError`. Prompts are user text: every one is encoded with
+:meth:`~esolm.data.tokenizers.Tokenizer.encode_text` (special-token strings such as ``<|mask|>`` stay plain
+text), and a prompt file is read with every line checked (:func:`read_prompts`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,10 +19,26 @@ from pathlib import Path
 import torch
 
 from esolm.data.datasets import is_validation
+from esolm.data.tokenizers import check_text
 from esolm.errors import UserError
-from esolm.rl.tasks import decode_completion, get_task, load_reward
+from esolm.rl.rewards import DEFAULT_REWARD_TIMEOUT, Reward, check_timeout, checked_rewards, load_reward
+from esolm.rl.tasks import decode_completion, get_task
 
-Reward = Callable[[list[str], list[str]], list[float]]
+
+def _record(p: Path, i: int, line: str) -> str:
+    """The ``prompt`` of JSONL line ``i``; UserError (one line) for anything else (invalid JSON, integers past
+    Python's digit limit, nesting past the stack, a prompt that is not a valid UTF-8 string)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        raise UserError(f"{p}:{i} is not a JSON object") from None
+    except ValueError as e:  # an integer literal past Python's digit limit
+        raise UserError(f"{p}:{i} cannot be read: {str(e).split(':')[0][:100]}") from None
+    except RecursionError:
+        raise UserError(f"{p}:{i} nests JSON too deeply to be read") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        raise UserError(f"{p}:{i} needs a string field 'prompt'")
+    return check_text(rec["prompt"], f"{p}:{i} prompt")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -32,17 +50,10 @@ def read_prompts(path: str | Path) -> list[str]:
         lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except UnicodeDecodeError:
         raise UserError(f"prompt file {p} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"prompt file {p} cannot be read ({e.strerror or type(e).__name__})") from None
     if p.suffix == ".jsonl":
-        out = []
-        for i, ln in enumerate(lines, 1):
-            try:
-                rec = json.loads(ln)
-            except json.JSONDecodeError:
-                raise UserError(f"{p}:{i} is not a JSON object") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise UserError(f"{p}:{i} needs a string field 'prompt'")
-            out.append(rec["prompt"])
-        lines = out
+        lines = [_record(p, i, ln) for i, ln in enumerate(lines, 1)]
     if not lines:
         raise UserError(f"prompt file {p} holds no prompts")
     return lines
@@ -50,12 +61,17 @@ def read_prompts(path: str | Path) -> list[str]:
 
 @dataclass
 class PromptSource:
-    """Training and held-out prompts (deterministic in their seed) and the reward function."""
+    """Training and held-out prompts (deterministic in their seed) and the reward function.
+
+    ``pool``: every prompt of a prompt file (``None`` for a shipped task, whose prompts are generated);
+    ``timeout``: seconds one call of the reward may take."""
 
     name: str
     reward: Reward
     _train: Callable[[int, int], list[str]]
     _test: Callable[[int, int], list[str]]
+    pool: list[str] | None = None
+    timeout: float = DEFAULT_REWARD_TIMEOUT
 
     def train(self, n: int, seed: int) -> list[str]:
         return self._train(n, seed)
@@ -63,16 +79,22 @@ class PromptSource:
     def test(self, n: int, seed: int) -> list[str]:
         return self._test(n, seed)
 
+    def rewards(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """float64 rewards, checked (:func:`~esolm.rl.rewards.checked_rewards`, with this source's timeout)."""
+        return checked_rewards(self.reward, prompts, completions, self.timeout)
 
-def prompt_source(task: str | None = None, prompts: str | None = None, reward: str | None = None) -> PromptSource:
+
+def prompt_source(task: str | None = None, prompts: str | None = None, reward: str | None = None,
+                  reward_timeout: float = DEFAULT_REWARD_TIMEOUT) -> PromptSource:
     """A shipped task by name (its exact checker as reward unless ``reward`` is given), or a prompt file
     split 90/10 into training and held-out prompts by a hash of each prompt."""
-    fn = load_reward(reward) if reward is not None else None
+    timeout = check_timeout(reward_timeout)
+    fn = load_reward(reward, timeout) if reward is not None else None
     if task is not None:
         t = get_task(task)
         return PromptSource(t.name, fn or t.reward,
                             lambda n, s: [t.prompt(i) for i in t.generate(n, s, "train")],
-                            lambda n, s: [t.prompt(i) for i in t.generate(n, s, "test")])
+                            lambda n, s: [t.prompt(i) for i in t.generate(n, s, "test")], timeout=timeout)
     if prompts is None or fn is None:
         raise UserError("give a shipped task, or a prompt file and a reward function")
     texts = read_prompts(prompts)
@@ -83,30 +105,13 @@ def prompt_source(task: str | None = None, prompts: str | None = None, reward: s
     def pick(pool: list[str]) -> Callable[[int, int], list[str]]:
         return lambda n, s: random.Random(s).choices(pool, k=n)
 
-    return PromptSource(Path(prompts).stem, fn, pick(train), pick(held))
-
-
-def checked_rewards(reward: Reward, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-    """Call ``reward`` and return float64 rewards; UserError (one line) when it fails or returns garbage."""
-    name = getattr(reward, "__qualname__", repr(reward))
-    try:
-        out = reward(list(prompts), list(completions))
-    except Exception as e:  # a user's function: report it as their error, on one line
-        raise UserError(f"reward function {name} raised {type(e).__name__}: {e}") from e
-    try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise UserError(f"reward function {name} must return a list of numbers, got {type(out).__name__}") from None
-    if len(values) != len(completions):
-        raise UserError(f"reward function {name} returned {len(values)} rewards for {len(completions)} completions")
-    if not all(math.isfinite(v) for v in values):
-        raise UserError(f"reward function {name} returned a non-finite reward (NaN or inf)")
-    return torch.tensor(values, dtype=torch.float64)
+    return PromptSource(Path(prompts).stem, fn, pick(train), pick(held), texts, timeout)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """``[BOS] prompt`` ids for each prompt (plain text: special-token strings stay text)."""
-    return [[tokenizer.bos_id, *tokenizer.encode_text(p, f"prompt {i}")] for i, p in enumerate(prompts)]
+    """``[BOS] prompt`` ids for each prompt (plain text: special-token strings stay text, never the mask or a
+    control EOS; UserError for text that is not valid UTF-8)."""
+    return [[tokenizer.bos_id, *tokenizer.encode_text(p, f"prompt {p[:40]!r}")] for p in prompts]
 
 
 def decode_completions(tokenizer, tokens: torch.Tensor, prompt_len: int) -> list[str]:

@@ -23,14 +23,18 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from esolm.errors import ConfigError, UserError
 from esolm.io import load_model
 from esolm.io.atomic import atomic_write
-from esolm.io.pretrained import LoadedModel, save_pretrained
+from esolm.io.pretrained import LoadedModel, ModelNotFound, resolve_model, save_pretrained
 from esolm.recipes import parse_max_time
-from esolm.rl.config import RLConfig, RLSection
-from esolm.rl.grpo import LitGRPO, evaluate_prompts, rollout_groups
-from esolm.rl.prompts import PromptSource, checked_rewards, decode_completions, prompt_source
-from esolm.rl.trajectory import check_likelihood
+from esolm.rl.config import RLConfig, apply_dict, check_eval_prompts
+from esolm.rl.grpo import LitGRPO, evaluate_prompts
+from esolm.rl.prompts import PromptSource, encode_prompts, prompt_source
+from esolm.rl.rewards import DEFAULT_REWARD_TIMEOUT
+from esolm.rl.trajectory import check_likelihood, check_rollout_memory
+from esolm.sampling.params import SamplingParams
 from esolm.training.checkpoints import AtomicCheckpointIO, Checkpoints, checkpoint_dir, clean_orphans, read_checkpoint
-from esolm.training.run import build_loggers, check_machine, check_out_dir, resolve_resume
+from esolm.training.run import available_devices, build_loggers, check_machine, check_out_dir, resolve_resume
+
+EVAL_BATCH = 64  # held-out prompts decoded per sampler batch
 
 
 @dataclass
@@ -41,15 +45,45 @@ class PreparedRL:
     ckpt_path: str | None
 
 
-def load_policy(path: str, device=None) -> LoadedModel:
-    """The starting policy; a missing file names the command that makes it."""
-    if not Path(path).exists():
-        raise UserError(f"policy {path} not found: make it first (for a shipped task: esolm train task-TASK, "
-                        f"see the README), or set policy=PATH")
-    loaded = load_model(path, device=device)
+def load_policy(name_or_path: str, device=None) -> LoadedModel:
+    """The starting policy, by any name :func:`esolm.io.load_model` resolves (a path, a shipped model's name, a
+    Hub repo id: :func:`esolm.io.pretrained.resolve_model`); a missing one names the command that makes it."""
+    try:
+        resolve_model(name_or_path)
+    except ModelNotFound as e:
+        raise UserError(f"policy {name_or_path} not found: make it first (for a shipped task: esolm train "
+                        f"task-TASK, see the README), or set policy=PATH ({e})") from None
+    loaded = load_model(name_or_path, device=device)
     if loaded.tokenizer is None:
-        raise UserError(f"policy {path} has no tokenizer saved with it; RL needs one to read prompts and rewards")
+        raise UserError(f"policy {name_or_path} has no tokenizer saved with it; RL needs one to read prompts and "
+                        f"rewards")
     return loaded
+
+
+def check_prompts(source: PromptSource, loaded: LoadedModel) -> None:
+    """Every prompt of a prompt file (two of a shipped task, whose prompts all have one width) encodes as plain
+    text and leaves room for a completion in the policy's length (UserError, one line, otherwise)."""
+    length = loaded.model.config.length
+    prompts = source.pool if source.pool is not None else source.train(2, 0)
+    for p, ids in zip(prompts, encode_prompts(loaded.tokenizer, prompts)):
+        if len(ids) >= length:
+            raise UserError(f"prompt {p[:40]!r} is {len(ids)} tokens with BOS, leaving no completion in the "
+                            f"policy's length {length}")
+
+
+def resolve_params(params: SamplingParams, loaded: LoadedModel, where: str = "") -> SamplingParams:
+    """``params`` checked against the policy's method and length (steps at most
+    :func:`~esolm.sampling.params.max_steps`, alpha0 only for Eso-LM); ``where`` prefixes the error."""
+    try:
+        return params.resolve(loaded.method, loaded.model.config.length)
+    except UserError as e:
+        raise UserError(f"{where}{e}") from None
+
+
+def run_device(accelerator: str) -> str:
+    """The device type ``trainer.accelerator`` trains on here (for memory checks)."""
+    kind, _ = available_devices(accelerator)
+    return "cuda" if kind.startswith("CUDA") else "mps" if kind.startswith(("MPS", "GPU")) else "cpu"
 
 
 def prepare_rl(cfg: RLConfig) -> PreparedRL:
@@ -64,23 +98,23 @@ def prepare_rl(cfg: RLConfig) -> PreparedRL:
         if not isinstance(old, dict) or "rl" not in old:
             raise ConfigError(f"{ckpt} is not an esolm RL checkpoint; use another trainer.out_dir")
         keep = {"trainer", "preset"}
-        diff = sorted(k for k in cfg.to_dict() if k not in keep and cfg.to_dict()[k] != old.get(k))
+        now, then = cfg.to_dict(), apply_dict(RLConfig(), {k: v for k, v in old.items() if k != "trainer"}).to_dict()
+        diff = sorted(k for k in now if k not in keep and now[k] != then[k])  # keys added since: their defaults
         if diff:
             raise ConfigError(f"cannot resume {ckpt} with a different config ({', '.join(diff)}); start a fresh "
                               f"run (trainer.resume=null or another trainer.out_dir)")
     loaded = load_policy(cfg.policy)
     check_likelihood(cfg.rl.likelihood, loaded.method)
-    t = cfg.task
-    source = prompt_source(t.name, t.prompts, t.reward)
-    length = loaded.model.config.length
-    tok = loaded.tokenizer
+    t, rl = cfg.task, cfg.rl
+    source = prompt_source(t.name, t.prompts, t.reward, t.reward_timeout)
+    resolve_params(SamplingParams.from_rl(rl), loaded, "rl.")
+    check_prompts(source, loaded)
+    device = run_device(cfg.trainer.accelerator)
+    config = loaded.model.config
+    check_rollout_memory(config, rl.prompts_per_step * rl.group_size, device, "rl.prompts_per_step x rl.group_size")
+    check_rollout_memory(config, min(t.eval_prompts, EVAL_BATCH), device, "a held-out evaluation batch")
     probe = source.train(2, 0)
-    for p in probe:
-        n = 1 + len(tok.encode(p))
-        if n >= length:
-            raise UserError(f"prompt {p[:40]!r} is {n} tokens with BOS, leaving no completion in the policy's "
-                            f"length {length}")
-    checked_rewards(source.reward, probe, ["" for _ in probe])  # the reward function runs, before any work
+    source.rewards(probe, ["" for _ in probe])  # the reward function runs, before any work
     return PreparedRL(cfg, loaded, source, ckpt)
 
 
@@ -152,20 +186,20 @@ def train_rl(cfg: RLConfig, prepared: PreparedRL | None = None) -> LitGRPO:
 
 
 def evaluate_task(model_path: str, task: str | None = None, prompts: str | None = None, reward: str | None = None,
-                  n: int = 200, seed: int = 1234, settings: RLSection | None = None, device=None,
-                  show: int = 0) -> dict:
-    """Held-out accuracy of a model on a task (``esolm eval-task``)."""
+                  n: int = 200, params: SamplingParams | None = None, device=None, show: int = 0,
+                  reward_timeout: float = DEFAULT_REWARD_TIMEOUT) -> dict:
+    """Held-out accuracy of a model on a task (``esolm eval-task``): ``n`` prompts (at most
+    :data:`~esolm.rl.config.MAX_EVAL_PROMPTS`), one sample each at ``params`` (its seed fixes prompts and draws);
+    ``show`` of them (at most ``n``) with their completions under ``"examples"``. Every check runs before any
+    sampling."""
+    n = check_eval_prompts(n, "the number of held-out prompts")
+    if isinstance(show, bool) or not isinstance(show, int) or not 0 <= show <= n:
+        raise UserError(f"show must be an integer in [0, {n}] (the prompts evaluated), got {show!r}")
+    params = params or SamplingParams(seed=1234)
     loaded = load_policy(model_path, device)
     check_likelihood("mean-field", loaded.method)  # any diffusion model; AR refused with one line
-    source = prompt_source(task, prompts, reward)
-    rl = settings or RLSection()
-    res = evaluate_prompts(loaded.model, loaded.method, loaded.tokenizer, source, n, seed, rl)
-    if show:
-        prompts = source.test(show, seed)
-        batches, rows = rollout_groups(loaded.model, loaded.method, loaded.tokenizer, prompts, 1, rl, seed)
-        completions = [""] * len(prompts)
-        for b, idx in zip(batches, rows):
-            for i, text in zip(idx, decode_completions(loaded.tokenizer, b.tokens, b.prompt_len)):
-                completions[i] = text
-        res["examples"] = [{"prompt": pr, "completion": c} for pr, c in zip(prompts, completions)]
-    return res
+    source = prompt_source(task, prompts, reward, reward_timeout)
+    params = resolve_params(params, loaded)
+    check_prompts(source, loaded)
+    check_rollout_memory(loaded.model.config, min(n, EVAL_BATCH), loaded.model.device, "an evaluation batch")
+    return evaluate_prompts(loaded.model, loaded.method, loaded.tokenizer, source, n, params, EVAL_BATCH, show)

@@ -19,20 +19,17 @@ fine-tuning trains on it (data source ``task:NAME``, mode ``pad-eos``) and RL co
 Rewards follow TRL's convention, ``reward(prompts, completions) -> list[float]`` (1.0 correct, 0.0
 otherwise), and parse the prompt strings themselves, so the bound method is a plain reward callable.
 Train and test instances are disjoint: an instance is in the test split when a keyed hash of its prompt
-falls below ``TEST_FRACTION``. :func:`load_reward` imports a user's reward function.
+falls below ``TEST_FRACTION``. A user's reward function is loaded and called by :mod:`esolm.rl.rewards`.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
-import importlib.util
 import itertools
 import random
 import re
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from esolm.errors import UserError
 
@@ -344,30 +341,3 @@ def decode_completion(tokenizer, ids: Sequence[int]) -> str:
     if tokenizer.eos_id in ids:
         ids = ids[: ids.index(tokenizer.eos_id)]
     return tokenizer.decode(ids, skip_special_tokens=False)
-
-
-# -- user reward functions ----------------------------------------------------------------------------------
-
-def load_reward(spec: str) -> Callable[[list[str], list[str]], list[float]]:
-    """A reward callable from ``module:function`` or ``path/to/file.py:function``."""
-    where, _, attr = spec.rpartition(":")
-    if not where or not attr:
-        raise UserError(f"reward function must be given as module:function or file.py:function, got {spec!r}")
-    if where.endswith(".py") or Path(where).is_file():
-        path = Path(where)
-        if not path.is_file():
-            raise UserError(f"reward file not found: {path}")
-        mspec = importlib.util.spec_from_file_location(f"esolm_user_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as e:
-            if e.name is None or not (where == e.name or where.startswith(e.name + ".")):
-                raise
-            raise UserError(f"reward module '{where}' not found") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserError(f"'{where}' has no function '{attr}'")
-    return fn

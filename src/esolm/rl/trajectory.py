@@ -12,9 +12,17 @@ The log-probabilities are those of the law actually sampled (:func:`esolm.sampli
 temperature, then nucleus), so the importance ratios of GRPO are exact for any ``temperature``/``top_p``.
 
 **Mean-field (d1 / diffu-GRPO, the baseline).** The completion fully masked, each prompt token masked with
-probability ``mask_prompt``; one pass of the method's diffusion attention gives ``log p(y_j | masked input)``
-for every completion position, used as if the tokens were independent. It is biased (it ignores the order
-and the within-step dependencies that produced ``y``), but it applies to Eso-LM (A) and MDLM models too.
+probability ``mask_prompt``; one pass of the method's diffusion attention (``method.diffusion_attention``)
+gives ``log p(y_j | masked input)`` for every completion position, used as if the tokens were independent.
+It is biased (it ignores the order and the within-step dependencies that produced ``y``), but it applies to
+Eso-LM (A) and MDLM models too. It is scored under the rollout's *tempered, untruncated* law: the nucleus
+(``top_p``) of the one-step marginal is not the nucleus any token was drawn from (each was drawn given the
+tokens decoded before it), so truncating it would give sampled tokens probability 0 (``-inf``, and a NaN
+ratio ``-inf - (-inf)`` in GRPO) without making the estimate any closer to the law sampled. d1 scores its
+estimate with the raw logits too.
+
+Rollouts decode with the method's decoder (:func:`esolm.sampling.decoders.decoder_for`: its plan, then its
+sampler) at a :class:`~esolm.sampling.params.SamplingParams`, so the knobs have one check and one meaning.
 """
 
 from __future__ import annotations
@@ -23,19 +31,43 @@ from dataclasses import dataclass
 
 import torch
 
+from esolm.devices import available_memory, format_bytes
 from esolm.errors import UserError
-from esolm.methods import Method, as_method, check_temperature, check_top_p
+from esolm.methods import Method, as_method
 from esolm.model import masks
 from esolm.noise import uniform
 from esolm.orders import sort_clean_first
+from esolm.sampling.api import sampling_params
+from esolm.sampling.decoders import decoder_for
 from esolm.sampling.draw import sampling_logits
-from esolm.sampling.esolm import sample_esolm_a, sample_esolm_b
-from esolm.sampling.mdlm import sample_mdlm
-from esolm.sampling.schedule import plan_binomial
+from esolm.sampling.params import SamplingParams
 
 Tensor = torch.Tensor
 
 LIKELIHOODS = ("exact", "mean-field")
+ACTIVATION_FLOATS = 16  # floats kept per hidden unit, layer and token of a pass with gradients (q, k, v, MLP ...)
+
+
+def rollout_row_bytes(config) -> int:
+    """A rough upper estimate of the memory one rollout row (one sequence of ``config.length`` tokens) takes
+    through an RL update: the sampler's recorded float32 step logits (L x V), the likelihood pass's float64
+    sampling logits, log-softmax and gradient (3 x L x V x 8), the activations it keeps for the backward pass
+    over up to 2L tokens, and its attention weights with their gradient."""
+    length, vocab = config.length, config.vocab_size
+    acts = 2 * length * config.hidden_size * config.n_layers * ACTIVATION_FLOATS * 4
+    attention = 2 * config.n_heads * (2 * length) ** 2 * config.n_layers * 4
+    return length * vocab * (4 + 3 * 8) + acts + attention
+
+
+def check_rollout_memory(config, rows: int, device, what: str) -> None:
+    """UserError (one line, before any work) when ``rows`` rollout rows (:func:`rollout_row_bytes` each) would not
+    fit in the free memory of ``device`` (:func:`esolm.devices.available_memory`; no limit when unknown)."""
+    free = available_memory(device)
+    need = rows * rollout_row_bytes(config)
+    if free is not None and need > free:
+        raise UserError(f"{what} = {rows:,} rollouts of {config.length} tokens need about {format_bytes(need)} "
+                        f"({format_bytes(rollout_row_bytes(config))} each) but only {format_bytes(free)} is free on "
+                        f"{torch.device(device)}; use fewer")
 
 
 @dataclass
@@ -43,10 +75,11 @@ class Rollouts:
     """``B`` sampled completions of prompts of one length ``prompt_len`` (one decoding plan's step sizes).
 
     * ``tokens`` [B, L]: prompt + completion, original order;
-    * ``order`` [B, L]: sorted index -> position (prompt first; ``None`` for MDLM, which has no order);
+    * ``order`` [B, L]: sorted index -> position (prompt first; ``None`` for a decoder without a plan, MDLM);
     * ``bounds``: the plan's steps ``[lo, hi)`` in sorted indices (shared by the batch);
     * ``logprobs`` [B, L - prompt_len] float64: log-probability of each completion token (by position) under
-      the law it was drawn from, recorded by the sampler's steps (``None`` for MDLM);
+      the law it was drawn from, recorded by the sampler's steps (``None`` unless the method has the exact
+      likelihood, and for greedy decoding, which has no law);
     * ``temperature``, ``top_p``: that law.
     """
 
@@ -72,59 +105,73 @@ def token_logprobs(logits: Tensor, targets: Tensor, mask_id: int | None, top_p: 
 
 
 def check_likelihood(likelihood: str, method: Method | dict) -> str:
-    """``exact`` needs Eso-LM (B) (causal attention over the order, hence a fixed KV cache); one-line error."""
+    """``likelihood`` if ``method`` offers it (``method.rl_likelihoods``: ``exact`` needs Eso-LM (B), whose
+    causal attention over the order gives a fixed KV cache); one-line UserError otherwise."""
     method = as_method(method)
     if likelihood not in LIKELIHOODS:
         raise UserError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
-    if method.name not in ("esolm", "mdlm"):
+    if not method.rl_likelihoods:
         raise UserError(f"RL needs a diffusion model (Eso-LM or MDLM), not {method.label}")
-    if likelihood == "exact" and not (method.name == "esolm" and method.variant == "B"):
+    if likelihood not in method.rl_likelihoods:
         raise UserError(f"the exact trajectory likelihood needs an Eso-LM (B) model, whose causal attention "
                         f"makes each step's conditionals fixed; {method.label} has bidirectional attention among "
                         f"clean tokens, so use likelihood=mean-field")
     return likelihood
 
 
-@torch.no_grad()
-def rollout(model, method: Method | dict, prompt_ids: Tensor, *, length: int | None = None, steps: int | None = None,
-            alpha0: float | None = None, temperature: float = 1.0, top_p: float | None = None,
-            plan_generator: torch.Generator | None = None, generator: torch.Generator | None = None) -> Rollouts:
-    """Sample completions of ``prompt_ids`` [B, p] (one row per rollout) to ``length`` tokens (default the
-    model's), recording each token's log-probability under the law it was drawn from.
+def rollout_params(method: Method | dict, length: int, prompt_len: int, params: SamplingParams) -> SamplingParams:
+    """``params`` resolved for a rollout of ``length`` tokens after a ``prompt_len``-token prompt: checked against
+    the method and the length (UserError: steps beyond :func:`~esolm.sampling.params.max_steps`, alpha0 for a
+    method without one), ``alpha0`` filled with the method's, ``steps`` defaulting to the completion length."""
+    if not 0 <= prompt_len < length:
+        raise UserError(f"a prompt of {prompt_len} tokens leaves no completion in a sequence of {length}")
+    params = params.resolve(method, length)
+    if params.speculative is not None:
+        raise UserError("speculative decoding does not record the log-probabilities RL needs; leave it off")
+    return params if params.steps is not None else params.replace(steps=length - prompt_len)
 
-    Eso-LM uses the binomial schedule with ``steps`` (default the number of free tokens) and ``alpha0``
-    (default the method's); MDLM ancestral sampling with ``steps``.
+
+@torch.no_grad()
+def rollout(model, method: Method | dict, prompt_ids: Tensor, params: SamplingParams | None = None, *,
+            length: int | None = None, plan_generator: torch.Generator | None = None,
+            generator: torch.Generator | None = None, **knobs) -> Rollouts:
+    """Sample completions of ``prompt_ids`` [B, p] (one row per rollout) to ``length`` tokens (default the
+    model's) with the method's decoder at ``params`` (or its fields as keywords: ``temperature``, ``top_p``,
+    ``steps``, ``alpha0``; see :func:`rollout_params`), recording each token's log-probability under the law it
+    was drawn from when the method has the exact likelihood.
+
+    ``plan_generator`` draws the plan (order and step sizes), ``generator`` the tokens.
     """
     method = as_method(method)
-    temperature, top_p = check_temperature(temperature), check_top_p(top_p)
     mask_id = model.config.mask_id
     length = length or model.config.length
     b, p = prompt_ids.shape
-    if not 0 <= p < length:
-        raise UserError(f"a prompt of {p} tokens leaves no completion in a sequence of {length}")
+    params = rollout_params(method, length, p, sampling_params(params, **knobs))
     x = torch.full((b, length), mask_id, dtype=torch.long)
     x[:, :p] = prompt_ids.cpu()
-    if method.name == "mdlm":
-        out = sample_mdlm(model, x, steps=steps or length - p, temperature=temperature, top_p=top_p,
-                          generator=generator, plan_generator=plan_generator)
-        return Rollouts(out.tokens.cpu().clone(), None, [], p, None, temperature, top_p, out.nfe)
-    a0 = method.alpha0 if alpha0 is None else alpha0
-    plan = plan_binomial(x == mask_id, steps or length - p, a0, plan_generator)
+    decoder = decoder_for(method)
+    plan = decoder.plan(x == mask_id, p, params, plan_generator)
     recorded: list[tuple[int, int, Tensor]] = []
+    keep = plan is not None and "exact" in method.rl_likelihoods and not params.greedy
 
     def record(k, lo, hi, logits, tokens):
         recorded.append((lo, hi, logits.clone()))
 
-    fn = sample_esolm_a if method.variant == "A" else sample_esolm_b
-    out = fn(model, x, plan, temperature=temperature, top_p=top_p, generator=generator, step_callback=record)
+    out = decoder.run(model, x, params, prompt_len=p, plan=plan, plan_generator=plan_generator, generator=generator,
+                      step_callback=record if keep else None)
     tokens = out.tokens.clone()  # the sampler's are inference tensors: autograd may not save them
-    order = plan.order.to(tokens.device)
-    x_sorted = tokens.gather(1, order)
-    lp_sorted = torch.zeros(b, length, dtype=torch.float64, device=tokens.device)
-    for lo, hi, logits in recorded:
-        lp_sorted[:, lo:hi] = token_logprobs(logits, x_sorted[:, lo:hi], mask_id, top_p, temperature)
-    lp = torch.zeros_like(lp_sorted).scatter_(1, order, lp_sorted)[:, p:]
-    return Rollouts(tokens.cpu(), plan.order.cpu(), plan.bounds(), p, lp.cpu(), temperature, top_p, out.nfe)
+    if plan is None:
+        return Rollouts(tokens.cpu(), None, [], p, None, params.temperature, params.top_p, out.nfe)
+    lp = None
+    if keep:
+        order = plan.order.to(tokens.device)
+        x_sorted = tokens.gather(1, order)
+        lp_sorted = torch.zeros(b, length, dtype=torch.float64, device=tokens.device)
+        for lo, hi, logits in recorded:
+            lp_sorted[:, lo:hi] = token_logprobs(logits, x_sorted[:, lo:hi], mask_id, params.top_p,
+                                                 params.temperature)
+        lp = torch.zeros_like(lp_sorted).scatter_(1, order, lp_sorted)[:, p:].cpu()
+    return Rollouts(tokens.cpu(), plan.order.cpu(), plan.bounds(), p, lp, params.temperature, params.top_p, out.nfe)
 
 
 def trajectory_logprobs(model, r: Rollouts) -> Tensor:
@@ -150,7 +197,8 @@ def mean_field_logprobs(model, method: Method | dict, r: Rollouts, generator: to
                         mask_prompt: float = 0.15) -> Tensor:
     """d1's one-step estimate [B, L - p] (float64, by completion position): the completion fully masked,
     each prompt token masked with probability ``mask_prompt`` (draws from ``generator``: pass identically
-    seeded generators to compare policies on the same input), one pass of the method's diffusion attention."""
+    seeded generators to compare policies on the same input), one pass of the method's diffusion attention,
+    scored under the rollout's tempered law without the nucleus (module docstring): always finite."""
     method = as_method(method)
     device = model.device
     mask_id = model.config.mask_id
@@ -160,17 +208,16 @@ def mean_field_logprobs(model, method: Method | dict, r: Rollouts, generator: to
     is_mask = torch.ones(b, length, dtype=torch.bool, device=device)
     is_mask[:, :p] = uniform((b, p), generator, device) < mask_prompt
     xt = torch.where(is_mask, torch.full_like(tokens, mask_id), tokens)
-    if method.name == "mdlm":
+    attention = method.diffusion_attention
+    if attention == "bidirectional":
         logits = model(xt)
-    else:
+    else:  # causal (any order) or prefix-LM attention over the clean tokens sorted first
         sort_idx = sort_clean_first(is_mask, generator)
-        if method.variant == "B":
-            attn = masks.causal(length, device)
-        else:
-            attn = masks.prefix_lm((~is_mask).sum(1), length, device)
+        attn = masks.causal(length, device) if attention == "causal" else masks.prefix_lm((~is_mask).sum(1),
+                                                                                           length, device)
         out = model(xt.gather(1, sort_idx), positions=sort_idx, mask=attn)
         logits = torch.empty_like(out).scatter_(1, sort_idx[:, :, None].expand_as(out), out)
-    return token_logprobs(logits[:, p:], tokens[:, p:], mask_id, r.top_p, r.temperature)
+    return token_logprobs(logits[:, p:], tokens[:, p:], mask_id, None, r.temperature)
 
 
 def sequence_logprobs(model, method: Method | dict, r: Rollouts, likelihood: str,
