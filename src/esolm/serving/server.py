@@ -111,9 +111,10 @@ class CompletionBody(BaseModel):
 
 
 class ContentPart(BaseModel):
-    """A part of a chat message's content (only ``{"type": "text", "text": ...}`` is served)."""
+    """A part of a chat message's content (only ``{"type": "text", "text": ...}`` is served; the others are
+    read, then refused with a 400 that says so)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     type: Text
     text: Text | None = None
@@ -513,10 +514,15 @@ class _TextFormat:
         self.service = service
 
     def logprobs(self, toks: list[_Tok]) -> dict:
-        top = self.service.top_dict
         return {"tokens": [t.text for t in toks], "token_logprobs": [t.logprob for t in toks],
-                "top_logprobs": [None if t.top is None else top(t.top) for t in toks],
+                "top_logprobs": [None if t.top is None else self.top(t) for t in toks],
                 "text_offset": [t.offset for t in toks]}
+
+    def top(self, t: _Tok) -> dict[str, float]:
+        """The top alternatives of ``t``, and ``t`` itself (as OpenAI: up to ``logprobs + 1`` entries)."""
+        top = self.service.top_dict(t.top)
+        top.setdefault(t.text, t.logprob)
+        return top
 
     def choice(self, c: _Choice, with_logprobs: bool) -> dict:
         lp = self.logprobs(c.echo_tokens + c.tokens) if with_logprobs else None
