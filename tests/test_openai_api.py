@@ -108,8 +108,12 @@ def test_n_batched_prompts_and_stop(served, client, tok):
     text = out.choices[0].text
     assert len(text) >= 4
     stop_at = text[2:4]
-    cut = create(client, prompt=prompts[0], max_tokens=10, seed=7, stop=[stop_at, "\x00never"]).choices[0]
+    cut = create(client, prompt=prompts[0], max_tokens=10, seed=7, stop=[stop_at, "\x00never"], logprobs=0).choices[0]
     assert cut.text == text[:text.find(stop_at)] and cut.finish_reason == "stop"
+    full = create(client, prompt=prompts[0], max_tokens=10, seed=7, logprobs=0).choices[0].logprobs
+    kept = cut.logprobs  # the tokens that begin before the cut
+    assert kept.text_offset == [o for o in full.text_offset if o < len(cut.text)]
+    assert kept.token_logprobs == full.token_logprobs[:len(kept.text_offset)]
 
 
 def test_token_id_prompts_are_taken_as_given(served, client, tok):
@@ -202,6 +206,13 @@ def test_echo_scores_the_prompt_exactly(served, client, tok):
     assert echoed.text == tok.decode(ids) + plain.text
     assert echoed.logprobs.token_logprobs == lp.token_logprobs + plain.logprobs.token_logprobs
     assert echoed.logprobs.text_offset[len(ids):] == [len(tok.decode(ids)) + o for o in plain.logprobs.text_offset]
+    chunks = list(create(client, prompt=[ids], max_tokens=6, seed=4, logprobs=1, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == echoed.text  # the prompt comes with the start event
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(echoed.logprobs.token_logprobs, abs=1e-6)
+    scored_only = list(create(client, prompt=[ids], max_tokens=0, echo=True, logprobs=2, stream=True))
+    assert [esolm_of(c)["event"] for c in scored_only] == ["start", "done"]
+    assert scored_only[0].choices[0].text == choice.text and scored_only[-1].choices[0].finish_reason == "length"
 
 
 # ---- chat ----

@@ -1,23 +1,37 @@
-"""HTTP front of the serving engine (FastAPI): OpenAI-style completions, streamed one event per decoding step.
+"""HTTP front of the serving engine (FastAPI): the OpenAI completions API, streamed one event per decoding step.
 
-Routes:
+Routes (docs/serving.md has every field):
 
-* ``POST /v1/completions`` — OpenAI fields ``prompt`` (text; the model's BOS is put before it), ``max_tokens``
-  (default: the rest of the model's length), ``temperature`` (0: greedy), ``top_p``, ``n``, ``stop``, ``seed``,
-  ``stream``; esolm fields ``alpha0``, ``steps``, ``schedule``, ``infill`` (completion-relative position -> text, whose
-  tokens are given from that position on). Choice ``i`` uses seed ``seed + i``, so it is exactly the sample
-  ``esolm.generate`` draws alone with that seed. ``stop`` strings cut the final text (diffusion decodes out
-  of order, so decoding is never stopped early by them).
-* ``stream: true`` — server-sent events, each ``data: <json>``: a ``start`` event per choice, a ``step`` event
-  per decoding step (the positions and tokens it decided), a ``done`` event per choice carrying the full
-  text, then ``data: [DONE]``. Concatenating ``choices[0].text`` over the events gives the completion text.
-* ``GET /v1/models``, ``GET /health`` (engine statistics), ``GET /`` (the trace page) and ``/static/*``.
+* ``POST /v1/completions`` — OpenAI fields ``prompt`` (a text, a list of texts, a list of token ids or a list of
+  such lists; the model's BOS is put before a text, token ids are taken as they are), ``suffix`` (insert mode: its
+  tokens end the completion window, diffusion models), ``max_tokens`` (default: the rest of the model's length; 0
+  with ``echo``: score the prompt only), ``temperature`` (0: greedy), ``top_p``, ``n``, ``stop``, ``seed``,
+  ``stream``, ``stream_options``, ``logprobs`` (0..5), ``echo``, ``user``; esolm fields ``alpha0``, ``steps``,
+  ``schedule``, ``infill`` (completion-relative position -> text, whose tokens are given from that position on).
+  Choice ``i * n + j`` is choice ``j`` of prompt ``i`` and uses seed ``seed + j``, so it is exactly the sample
+  ``esolm.generate`` draws alone for that prompt with that seed. ``stop`` strings cut the final text (diffusion
+  decodes out of order, so decoding is never stopped early by them).
+* ``logprobs`` — OpenAI's ``{tokens, token_logprobs, top_logprobs, text_offset}``: each sampled token's exact
+  log-probability under the law it was drawn from, recorded by the engine at the step that drew it (Eso-LM (B),
+  AR; other methods: 400); with ``echo``, the prompt's exact left-to-right conditionals (``null`` for its first
+  token; AR and Eso-LM (B); other methods, whose likelihood is only a bound: 400).
+* ``POST /v1/chat/completions`` — ``messages`` rendered by the tokenizer's Jinja chat template (or
+  ``esolm serve --chat-template``; none: 400), then decoded as a text prompt; ``logprobs``/``top_logprobs``.
+* ``stream: true`` — server-sent events, each ``data: <json>``: a ``start`` event per choice (with ``echo``: the
+  prompt's text and log-probabilities), a ``step`` event per decoding step (the positions and tokens it decided,
+  their log-probabilities with ``logprobs``), a ``done`` event per choice carrying the completion text, then
+  ``data: [DONE]``. Concatenating ``choices[0].text`` (chat: ``delta.content``) over the events gives the
+  non-streamed text.
+* ``GET /v1/models``; vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (lm-eval's
+  ``local-completions`` model finds and uses them); ``GET /health`` (engine statistics), ``GET /metrics``
+  (Prometheus), ``GET /`` (the trace page) and ``/static/*``.
 
-Errors are JSON ``{"error": {"message", "type", "code", "param"}}``: 413 for a body over the server's limit
-(``esolm serve --max-body-bytes``; refused before anything parses it), 422 for a body that is not JSON or of
-the wrong shape or types, 400 for values the model cannot serve (checked, off the event loop, before
-anything is queued), 404 for another model's name, 429 when the engine's queue is full, 503 while the
-server shuts down, 500 when a request fails while decoding. Messages repeat at most the first
+With an API key (``esolm serve --api-key``), ``/v1/*`` and the tokenizer routes need ``Authorization: Bearer KEY``
+(401 otherwise). Errors are JSON ``{"error": {"message", "type", "code", "param"}}``: 413 for a body over the
+server's limit (``esolm serve --max-body-bytes``; refused before anything parses it), 422 for a body that is not
+JSON or of the wrong shape or types, 400 for values the model cannot serve (checked, off the event loop, before
+anything is queued), 401 without the key, 404 for another model's name, 429 when the engine's queue is full, 503
+while the server shuts down, 500 when a request fails while decoding. Messages repeat at most the first
 :data:`MAX_ECHO` characters of a client's value.
 A client that disconnects has its requests cancelled, which frees their slots at the next engine step.
 The engine thread starts with the app and is drained when it stops (uvicorn's graceful shutdown on SIGTERM
