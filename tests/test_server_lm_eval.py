@@ -7,6 +7,9 @@ The API model finds the server's tokenizer routes by itself (``tokenizer_backend
 ``/tokenize``), sends token ids, and scores with ``echo``, ``logprobs: 1``, ``max_tokens: 1``.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -104,3 +107,13 @@ def test_rolling_and_generation_over_http_are_esolm_in_process(models):
     got = api.generate_until(gens)
     assert got == ours.generate_until(gens)  # greedy, one seed: the same plan and the same tokens
     assert any(got)
+
+
+def test_registering_esolm_keeps_lm_evals_own_models():
+    """``esolm lm-eval --model local-completions``: lm-eval fills its registry lazily, only while it is empty, so
+    registering ``esolm`` first used to hide every built-in model ("no model for this name found")."""
+    code = ("import esolm.integrations.lm_eval; from lm_eval.api.registry import get_model; "
+            "print(get_model('local-completions').__name__, get_model('esolm').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["LocalCompletionsAPI", "EsoLMLM"]

@@ -32,6 +32,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401 - fills lm-eval's lazy registry first: it is filled only while it is empty
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
