@@ -351,3 +351,18 @@ def test_a_chat_template_that_does_not_compile_is_refused_before_loading(tmp_pat
     assert main(["serve", "/nonexistent", "--chat-template", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "chat template" in err and "nonexistent" not in err
+
+
+def test_the_chat_template_travels_with_the_tokenizer(tmp_path, tok):
+    """Saved in esolm_tokenizer.json and in a training checkpoint's tokenizer meta; absent, the meta (and so the
+    tokenizer's fingerprint, part of data-cache keys) is what it was."""
+    from esolm.data.tokenizers import Tokenizer
+    from esolm.io.pretrained import _embedded_tokenizer
+
+    assert Tokenizer.load(tok.save(tmp_path / "t")).chat_template == TEMPLATE
+    embedded = _embedded_tokenizer({"tokenizer_json": tok.backend.to_str(), "tokenizer_meta": tok.meta()}, "ckpt")
+    assert embedded.chat_template == TEMPLATE
+    bare = tiny_tokenizer()
+    assert "chat_template" not in bare.meta() and Tokenizer.load(bare.save(tmp_path / "b")).chat_template is None
+    with pytest.raises(UserError, match="chat template"):
+        Tokenizer(bare.backend, "x", bare.mask_id, bare.eos_id, bare.bos_id, chat_template="\ud800")
