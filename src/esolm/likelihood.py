@@ -10,7 +10,8 @@ importance-weighted bound over orders (METHOD.md section 4).
 * :func:`iw_bound` averages K such orders in probability space:
   ``-log (1/K) sum_k exp(ll_k)``, an upper bound on ``-log p(x)`` that decreases in K.
 * :func:`exact_token_logprobs` is the exact per-token scorer of every method with ``exact_likelihood``: AR's
-  one causal pass, Eso-LM (B)'s one sequential pass (:func:`order_token_logprobs`) in any order.
+  one causal pass, Eso-LM (B)'s one sequential pass (:func:`order_token_logprobs`) in any order;
+  :func:`exact_logits` gives the same pass's whole left-to-right conditionals.
 """
 
 from __future__ import annotations
@@ -99,6 +100,21 @@ def _check_anyorder(model, method: Method | dict | None) -> int:
     return model.config.mask_id
 
 
+def _order_logits(model, x0: Tensor, order: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The one 2L sequential pass of :func:`order_token_logprobs`: the logits ``[B, L, V]`` of every step's
+    conditional (mask logit as the network gives it), the tokens in order, and the valid steps (or None)."""
+    n = x0.shape[1]
+    x_s = x0.gather(1, order)
+    inp = torch.cat([torch.full_like(x_s, model.config.mask_id), x_s], 1)
+    attn = masks.sequential(n, x0.device)
+    vs = None
+    if valid is not None:
+        vs = valid.bool().gather(1, order)
+        attn = hide_padding(attn, torch.cat([vs, vs], 1))
+    logits = model(inp, positions=torch.cat([order, order], 1), mask=attn, logits_slice=slice(0, n))
+    return logits, x_s, vs
+
+
 def order_token_logprobs(model, x0: Tensor, order: Tensor, valid: Tensor | None = None,
                          method: Method | dict | None = None,
                          with_greedy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -111,15 +127,7 @@ def order_token_logprobs(model, x0: Tensor, order: Tensor, valid: Tensor | None 
     also returns ``[B, L]`` booleans: whether each token is the argmax of its conditional (mask excluded).
     """
     mask_id = _check_anyorder(model, method)
-    b, n = x0.shape
-    x_s = x0.gather(1, order)
-    inp = torch.cat([torch.full_like(x_s, mask_id), x_s], 1)
-    attn = masks.sequential(n, x0.device)
-    vs = None
-    if valid is not None:
-        vs = valid.bool().gather(1, order)
-        attn = hide_padding(attn, torch.cat([vs, vs], 1))
-    logits = model(inp, positions=torch.cat([order, order], 1), mask=attn, logits_slice=slice(0, n))
+    logits, x_s, vs = _order_logits(model, x0, order, valid)
     ll = -token_nll(logits, x_s, mask_id).double()
     if vs is not None:
         ll = ll * vs
@@ -127,6 +135,27 @@ def order_token_logprobs(model, x0: Tensor, order: Tensor, valid: Tensor | None 
         return ll
     best = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf")).argmax(-1)
     return ll, best == x_s
+
+
+def _require_exact(method: Method | dict) -> Method:
+    method = as_method(method)
+    if not method.exact_likelihood:
+        raise UserError(f"{method.label} has no exact likelihood (its Monte-Carlo NELBO is a bound: "
+                        "Objective.conditional_nelbo)")
+    return method
+
+
+def exact_logits(model, method: Method | dict, x0: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Logits ``[B, L - 1, V]`` whose row ``l`` is the exact conditional of token ``l + 1`` given tokens
+    ``0..l`` (left to right; mask logit as the network gives it): the pass of :func:`exact_token_logprobs`
+    (Eso-LM (B): its one 2L sequential pass; AR: its one causal pass), as whole distributions, for callers
+    that need more than the tokens' log-probabilities (the top alternatives of the HTTP API's ``echo``)."""
+    method = _require_exact(method)
+    if method.any_order:
+        _check_anyorder(model, method)
+        order = torch.arange(x0.shape[1], device=x0.device).expand_as(x0)
+        return _order_logits(model, x0, order, valid)[0][:, 1:]
+    return causal_logits(model, x0, valid)
 
 
 def exact_token_logprobs(model, method: Method | dict, x0: Tensor, valid: Tensor | None = None,
@@ -138,10 +167,7 @@ def exact_token_logprobs(model, method: Method | dict, x0: Tensor, valid: Tensor
     step positions (:func:`order_token_logprobs`); the others (AR) only left to right, from one causal pass,
     where position 0 (which nothing predicts) gets 0 and True. Padded tokens (``valid`` False) get 0.
     UserError/ConfigError for a method whose likelihood is only a bound, or an order AR cannot follow."""
-    method = as_method(method)
-    if not method.exact_likelihood:
-        raise UserError(f"{method.label} has no exact likelihood (its Monte-Carlo NELBO is a bound: "
-                        "Objective.conditional_nelbo)")
+    method = _require_exact(method)
     if method.any_order:
         if order is None:
             order = torch.arange(x0.shape[1], device=x0.device).expand_as(x0)

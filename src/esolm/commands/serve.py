@@ -1,8 +1,12 @@
 """``esolm serve MODEL``: an OpenAI-compatible HTTP server with continuous batching and a decoding-trace page.
 
 MODEL is anything ``esolm sample`` reads (an exported folder or a training checkpoint) with its tokenizer
-(or ``--tokenizer``). The server answers ``POST /v1/completions`` (streamed with ``"stream": true``: one server-sent
-event per decoding step), ``GET /v1/models``, ``GET /health`` and the trace page at ``/``. SIGTERM or Ctrl-C
+(or ``--tokenizer``). The server answers OpenAI's ``POST /v1/completions`` (streamed with ``"stream": true``: one
+server-sent event per decoding step; ``logprobs``, ``echo``, ``suffix``, batched and token-id prompts) and
+``POST /v1/chat/completions`` (when the tokenizer has a chat template, or ``--chat-template``), ``GET /v1/models``,
+vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` (lm-eval's ``local-completions`` model scores over
+them), ``GET /health``, Prometheus ``GET /metrics`` and the trace page at ``/`` (docs/serving.md). With
+``--api-key`` (or ``ESOLM_API_KEY``) the API routes need ``Authorization: Bearer KEY``. SIGTERM or Ctrl-C
 stops accepting connections and lets the requests in flight finish; the exit code is then 0 after SIGTERM,
 130 after Ctrl-C (SIGINT), and 130 when a second Ctrl-C cut the drain short.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -24,6 +29,8 @@ import threading
 
 from esolm.commands import _args
 from esolm.errors import UserError
+
+API_KEY_ENV = "ESOLM_API_KEY"  # the API key when --api-key is not given
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +50,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch device: cpu, cuda, cuda:N, mps ... (default: the available accelerator, else cpu)")
     p.add_argument("--threads", type=_args.positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* and the tokenizer routes (default: "
+                        f"${API_KEY_ENV}; /health, /metrics and the trace page stay open)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's, if it has one)")
+
+
+def _api_key(given: str | None) -> str | None:
+    """--api-key, else $ESOLM_API_KEY (unset or empty: no key); UserError for a key of only whitespace."""
+    key = given if given is not None else os.environ.get(API_KEY_ENV) or None
+    if key is not None and (not key.strip() or key != key.strip()):
+        where = "--api-key" if given is not None else f"${API_KEY_ENV}"
+        raise UserError(f"{where} must be a non-empty key without surrounding whitespace")
+    return key
+
+
+def _chat_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--chat-template: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -96,9 +126,13 @@ def run(args) -> int:
     from esolm.devices import resolve_device
     from esolm.io import load_model
     from esolm.serving.engine import Engine
-    from esolm.serving.server import MAX_BODY_BYTES, create_app
+    from esolm.serving.server import MAX_BODY_BYTES, compile_chat_template, create_app
 
     device = resolve_device(args.device)
+    api_key = _api_key(args.api_key)
+    template = _chat_template(args.chat_template)
+    if template is not None:
+        compile_chat_template(template)  # refused before the model is loaded
     sock = _listen(args.host, args.port)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -107,10 +141,12 @@ def run(args) -> int:
     engine = Engine(loaded.model, loaded.method, max_batch=args.max_batch, max_queue=args.max_queue,
                     eos_id=tok.eos_id, bos_id=tok.bos_id)
     name = args.name or str(args.model)
-    app = create_app(engine, model_name=name, tokenizer=tok, max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES)
+    app = create_app(engine, model_name=name, tokenizer=tok, max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,
+                     api_key=api_key, chat_template=template)
     host, port = sock.getsockname()[:2]
     print(f"esolm serve: {name} ({loaded.method.label}, {device}) on http://{host}:{port} "
-          f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+          f"(max batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})",
+          file=sys.stderr, flush=True)
     server = _server(uvicorn.Config(app, log_level="info"))
     server.run(sockets=[sock])
     if server.force_exit or signal.SIGINT in server.signals:

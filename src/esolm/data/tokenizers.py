@@ -83,8 +83,10 @@ class Tokenizer:
     """
 
     def __init__(self, backend: HFTokenizer, name: str, mask_id: int, eos_id: int, bos_id: int,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, chat_template: str | None = None):
         self.backend = backend
+        # a Jinja chat template (``esolm serve``'s /v1/chat/completions renders messages with it); optional
+        self.chat_template = check_text(chat_template, "the chat template") if chat_template is not None else None
         self.name = name
         self.mask_id = int(mask_id)
         self.eos_id = int(eos_id)
@@ -160,8 +162,11 @@ class Tokenizer:
         return h.hexdigest()[:16]
 
     def meta(self) -> dict:
-        return {"name": self.name, "mask_id": self.mask_id, "eos_id": self.eos_id, "bos_id": self.bos_id,
+        meta = {"name": self.name, "mask_id": self.mask_id, "eos_id": self.eos_id, "bos_id": self.bos_id,
                 "pad_id": self.pad_id, "vocab_size": self.vocab_size}
+        if self.chat_template is not None:  # only when set: the fingerprints of the others stay as they were
+            meta["chat_template"] = self.chat_template
+        return meta
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
@@ -180,7 +185,8 @@ class Tokenizer:
             raise UserError(f"no {META_FILE} in {folder}")
         meta = json.loads(meta_path.read_text())
         backend = HFTokenizer.from_file(str(folder / HF_FILE))
-        tok = cls(backend, meta["name"], meta["mask_id"], meta["eos_id"], meta["bos_id"], meta.get("pad_id"))
+        tok = cls(backend, meta["name"], meta["mask_id"], meta["eos_id"], meta["bos_id"], meta.get("pad_id"),
+                  meta.get("chat_template"))
         if tok.vocab_size != meta["vocab_size"]:
             raise UserError(f"tokenizer in {folder}: vocab size {tok.vocab_size} "
                              f"!= recorded {meta['vocab_size']}")

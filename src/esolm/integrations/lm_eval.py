@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import lm_eval.models  # noqa: F401 - fills lm-eval's lazy registry first: it is filled only while it is empty
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

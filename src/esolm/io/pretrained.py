@@ -236,7 +236,7 @@ def _embedded_tokenizer(extra: dict, where: str):
         return None
     try:
         return Tokenizer(HFTokenizer.from_str(text), meta["name"], meta["mask_id"], meta["eos_id"], meta["bos_id"],
-                         meta.get("pad_id"))
+                         meta.get("pad_id"), meta.get("chat_template"))
     except Exception as exc:  # noqa: BLE001 - a damaged tokenizer JSON or meta dict: one line
         raise CheckpointError(f"{where}: its tokenizer cannot be read ({cause_line(exc)})") from None
 

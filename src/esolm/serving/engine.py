@@ -30,6 +30,16 @@ rounding).
 not batchable as they are: Eso-LM (A)'s diffusion phase and MDLM recompute every key at every step, and
 BD3-LM's in-block ancestral steps decide a different number of positions per row.
 
+**Log-probabilities.** A batched request with ``logprobs`` (a count ``k``) gets, at the step that drew each of its
+tokens, the token's exact log-probability under the law it was drawn from
+(:func:`esolm.sampling.draw.sampling_logits` of that step's logits: temperature, then nucleus; a greedy request
+reports the model's own law, temperature 1 without nucleus, under which its token is the most likely) and the
+``k`` most likely tokens of that law (:class:`StepEvent` and :class:`Finished` carry them). Only the rows that
+asked compute a ``log_softmax``, so the step costs the same when no one asks. The one-at-a-time methods refuse
+``logprobs`` (their samplers' laws are not one softmax per token: MDLM and BD3-LM also draw which positions
+stay masked). :meth:`Engine.score` gives a prompt's exact left-to-right conditionals
+(:func:`esolm.likelihood.exact_logits`: one pass; AR and Eso-LM (B)), between steps.
+
 Requests are checked by :func:`esolm.sampling.api.prepare`, the check of ``generate`` itself, and decode with
 the same :class:`~esolm.sampling.params.SamplingParams`. With ``eos_id``, ``Finished.tokens`` are cut by
 :func:`~esolm.sampling.api.cut_at_eos` as ``generate`` cuts them, and a row leaves as soon as such an EOS
@@ -52,44 +62,57 @@ from dataclasses import dataclass, field
 import torch
 
 from esolm.errors import ConfigError, EsoLMError, UserError
+from esolm.likelihood import exact_logits
 from esolm.methods import as_method
 from esolm.model import masks
 from esolm.model.backbone import FrozenConditioning
 from esolm.sampling.api import cut_at_eos, free_positions, generate, prepare
 from esolm.sampling.common import DIFFUSION, SEQUENTIAL
 from esolm.sampling.decoders import decoder_for
-from esolm.sampling.draw import draw_segments
+from esolm.sampling.draw import draw_segments, sampling_logits
 from esolm.sampling.params import SamplingParams, check_integer
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
+MAX_TOP_LOGPROBS = 20  # most alternatives per token a request may ask for
+SCORE_ROWS_PER_CHUNK = 256  # positions whose float64 log-probabilities one scoring chunk holds at once
+
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
+
 
 @dataclass(frozen=True)
 class CompletionRequest:
     """One completion: positions ``p .. p + max_tokens - 1`` after the ``p`` prompt tokens, decoded with
-    ``params`` (the :class:`~esolm.sampling.params.SamplingParams` that ``generate`` takes)."""
+    ``params`` (the :class:`~esolm.sampling.params.SamplingParams` that ``generate`` takes). ``logprobs``
+    (batched methods): record each sampled token's log-probability and the ``logprobs`` most likely tokens
+    (0: none) of the law it was drawn from (module docstring); ``None``: record nothing."""
 
     prompt_ids: list[int]
     max_tokens: int
     params: SamplingParams = field(default_factory=SamplingParams)
     infill: dict[int, int] | None = None  # absolute position -> token id, inside the completion
+    logprobs: int | None = None
 
 
 @dataclass
 class StepEvent:
-    """The positions (absolute) and tokens one engine step decided for one request."""
+    """The positions (absolute) and tokens one engine step decided for one request (with ``logprobs``: their
+    log-probabilities and top alternatives, aligned with ``tokens``)."""
 
     request_id: int
     step: int  # 0-based decoding step of this request (= its NFE so far - 1)
     positions: list[int]
     tokens: list[int]  # as drawn (Finished.tokens apply generate's EOS cut)
     phase: str  # "diffusion" | "sequential"
+    logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
 
 
 @dataclass
 class Finished:
-    """A request's end: completion ids (after the EOS cut), cost and why it ended."""
+    """A request's end: completion ids (after the EOS cut), cost and why it ended. With ``logprobs``: one entry
+    per completion position, ``None`` where the token was given (infill) or filled by the EOS cut."""
 
     request_id: int
     tokens: list[int]
@@ -97,6 +120,46 @@ class Finished:
     seconds: float  # from admission to finish
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[TopLogprobs | None] | None = None
+
+
+@dataclass
+class PromptScores:
+    """:meth:`Engine.score` of one prompt: per token, its exact log-probability given the tokens before it and
+    the most likely tokens there (``None`` for the first token, which nothing before it predicts)."""
+
+    logprobs: list[float | None]
+    top_logprobs: list[TopLogprobs | None]
+
+
+def law_logprobs(logits: Tensor, tokens: Tensor, mask_id: int | None, top_p: float | None, temperature: float,
+                 k: int) -> tuple[list[float], list[TopLogprobs]]:
+    """The float64 log-probabilities of ``tokens`` [N] under the law :func:`~esolm.sampling.draw.sampling_logits`
+    of ``logits`` [N, V] (what :func:`esolm.rl.trajectory.token_logprobs` records), and each row's ``k`` most
+    likely tokens (tokens outside the nucleus, of probability 0, are never listed)."""
+    lp = sampling_logits(logits, mask_id, top_p, temperature).log_softmax(-1)
+    chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
+    if k == 0:
+        return chosen, [[] for _ in chosen]
+    values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    top = [[(i, v) for i, v in zip(row_ids, row_values) if v != -math.inf]
+           for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    return chosen, top
+
+
+def check_token_ids(ids, config, what: str) -> list[int]:
+    """``ids`` as a list of token ids of the model's vocabulary, none the mask id, at most its length tokens;
+    UserError (one line) otherwise."""
+    if not isinstance(ids, (list, tuple)):
+        raise UserError(f"{what} must be a list of token ids")
+    if len(ids) > config.length:
+        raise UserError(f"{what} ({len(ids)} tokens) exceeds the model length {config.length}")
+    out = [check_integer(t, f"{what} token id", 0, config.vocab_size - 1) for t in ids]
+    if config.mask_id is not None and config.mask_id in out:
+        raise UserError(f"{what} contains the mask id {config.mask_id} at index {out.index(config.mask_id)}; "
+                        "a prompt holds given tokens only")
+    return out
 
 
 class QueueFull(EsoLMError):
@@ -167,6 +230,9 @@ class _Row:
     def __init__(self, pending: _Pending, slot: int, order: Tensor, bounds: list[tuple[int, int]], shift: int,
                  diffusion_end: int, n_given: int, eos_at: float, generator: torch.Generator):
         self.pending = pending
+        # with logprobs: position -> (log-probability, top alternatives) of each drawn token
+        self.logprobs: dict[int, tuple[float, TopLogprobs]] | None = (
+            None if pending.req.logprobs is None else {})
         self.slot = slot
         self.order = order  # [length] sorted index -> position (CPU)
         self.order_list = order.tolist()
@@ -207,11 +273,12 @@ class Engine:
     ``submit``/``cancel`` may be called from any thread; ``step`` (or the thread of :meth:`start`) does the
     work and calls ``on_event`` from that thread with each :class:`StepEvent` and one final :class:`Finished`.
     A request whose processing raises (its callback included) ends alone with ``finish_reason="error"``.
-    The model is put in eval mode.
+    ``step_observer(seconds, requests)``, if given, is called from that thread after every network step (the
+    HTTP server's metrics). The model is put in eval mode.
     """
 
     def __init__(self, model, method, *, max_batch: int = 8, max_queue: int = 64, eos_id: int | None = None,
-                 bos_id: int | None = None):
+                 bos_id: int | None = None, step_observer: Callable[[float, int], None] | None = None):
         self.model = model.eval()
         self.method = as_method(method)
         cfg = model.config
@@ -221,6 +288,7 @@ class Engine:
             if i is not None and check_integer(i, what, 0, cfg.vocab_size - 1) == cfg.mask_id:
                 raise UserError(f"{what} {i} is the mask id")
         self.eos_id, self.bos_id = eos_id, bos_id
+        self.step_observer = step_observer
         self.decoder = decoder_for(self.method)
         self.batched = self.method.batchable
 
@@ -270,11 +338,12 @@ class Engine:
         if not isinstance(req, CompletionRequest):
             raise UserError(f"expected a CompletionRequest, got {type(req).__name__}")
         cfg = self.model.config
-        if not isinstance(req.prompt_ids, (list, tuple)):
-            raise UserError("prompt_ids must be a list of token ids")
-        if len(req.prompt_ids) > cfg.length:
-            raise UserError(f"the prompt ({len(req.prompt_ids)} tokens) exceeds the model length {cfg.length}")
-        prompt = [check_integer(t, "prompt token id", 0, cfg.vocab_size - 1) for t in req.prompt_ids]
+        prompt = check_token_ids(req.prompt_ids, cfg, "the prompt")
+        if req.logprobs is not None:
+            check_integer(req.logprobs, "logprobs (the number of top alternatives)", 0, MAX_TOP_LOGPROBS)
+            if not self.batched:
+                raise UserError(f"logprobs of sampled tokens need an Eso-LM (B) or AR model, whose engine records "
+                                f"each token's law as it draws it; {self.method.label} is decoded by generate")
         max_tokens = check_integer(req.max_tokens, "max_tokens", 1, cfg.length)
         if not prompt and self.method.needs_start_token:
             start = self.bos_id if self.bos_id is not None else self.eos_id
@@ -295,7 +364,50 @@ class Engine:
         except ConfigError as e:
             raise UserError(str(e)) from None
         infill = None if req.infill is None else {int(k): int(v) for k, v in req.infill.items()}
-        return (CompletionRequest(prompt, max_tokens, prepared.params, infill), prepared.tokens)
+        return (CompletionRequest(prompt, max_tokens, prepared.params, infill, req.logprobs), prepared.tokens)
+
+    def score(self, prompts: list[list[int]], top_k: int = 0) -> list[PromptScores]:
+        """Each prompt's exact per-token log-probabilities given the tokens before it (left to right), and the
+        ``top_k`` most likely tokens at each position, all under the model's own law (temperature 1, mask
+        excluded; :func:`esolm.likelihood.exact_logits`, the pass of ``exact_token_logprobs``). Methods with
+        ``exact_likelihood`` only (AR, Eso-LM (B)); UserError otherwise, or for bad ids. Thread-safe: it runs
+        between engine steps (up to ``max_batch`` prompts per pass), never during one."""
+        if not self.method.exact_likelihood:
+            raise UserError(f"prompt log-probabilities need a model with exact likelihoods (AR or Eso-LM (B)); "
+                            f"{self.method.label}'s likelihood is only a bound")
+        top_k = check_integer(top_k, "top_k", 0, MAX_TOP_LOGPROBS)
+        if not isinstance(prompts, (list, tuple)):
+            raise UserError("prompts must be a list of token-id lists")
+        cfg = self.model.config
+        prompts = [check_token_ids(p, cfg, f"prompt {i}") for i, p in enumerate(prompts)]
+        out: list[PromptScores] = []
+        for first in range(0, len(prompts), self.max_batch):
+            chunk = prompts[first:first + self.max_batch]
+            with self._step_lock, torch.inference_mode():
+                out.extend(self._score(chunk, top_k))
+        return out
+
+    def _score(self, prompts: list[list[int]], top_k: int) -> list[PromptScores]:
+        device = self.model.device
+        n = max(len(p) for p in prompts)
+        scores = [PromptScores([None] * min(len(p), 1), [None] * min(len(p), 1)) for p in prompts]
+        if n < 2:
+            return scores
+        x = torch.full((len(prompts), n), self.model.config.mask_id or 0, dtype=torch.long)
+        valid = torch.zeros(len(prompts), n, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            x[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+            valid[i, :len(p)] = True
+        x, valid = x.to(device), valid.to(device)
+        logits = exact_logits(self.model, self.method, x, None if bool(valid.all()) else valid)
+        for i, p in enumerate(prompts):
+            for lo in range(0, len(p) - 1, SCORE_ROWS_PER_CHUNK):
+                hi = min(lo + SCORE_ROWS_PER_CHUNK, len(p) - 1)
+                chosen, top = law_logprobs(logits[i, lo:hi], x[i, lo + 1:hi + 1], self.model.config.mask_id, None,
+                                           1.0, top_k)
+                scores[i].logprobs.extend(chosen)
+                scores[i].top_logprobs.extend(top)
+        return scores
 
     def submit(self, req: CompletionRequest, on_event: Callback) -> int:
         """Queue ``req`` (checked first); returns its id. QueueFull when ``max_queue`` requests wait."""
@@ -343,16 +455,27 @@ class Engine:
                 admit = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
             if not self.batched:
                 for p in admit:
+                    t0 = time.perf_counter()
                     self._run_whole(p)
+                    self._observe(time.perf_counter() - t0, 1)
                 return bool(dropped or cancel or admit)
             for p in admit:
                 self._admit(p)
             stepped = bool(self._rows)
             if stepped:
+                t0, b = time.perf_counter(), len(self._rows)
                 self._batched_step()
+                self._observe(time.perf_counter() - t0, b)
             with self._cv:
                 self._n_active = len(self._rows)
             return bool(dropped or cancel or admit or stepped)
+
+    def _observe(self, seconds: float, requests: int) -> None:
+        if self.step_observer is not None:
+            try:
+                self.step_observer(seconds, requests)
+            except Exception:  # an observer's failure is not the requests'
+                log.exception("step_observer failed")
 
     def run_until_idle(self) -> None:
         """Step until no request is queued or active."""
@@ -412,11 +535,19 @@ class Engine:
         return None
 
     def _finish(self, pending: _Pending, tokens: list[int], nfe: int, seconds: float, reason: str,
-                error: Exception | None = None) -> None:
+                error: Exception | None = None, recorded: dict[int, tuple[float, TopLogprobs]] | None = None
+                ) -> None:
         msg = None if error is None else f"{type(error).__name__}: {error}"
         if error is not None:
             log.error("request %d failed: %s", pending.rid, msg)
-        self._emit(pending, Finished(pending.rid, tokens, nfe, seconds, reason, msg))
+        lps = tops = None
+        if recorded is not None:
+            p = len(pending.req.prompt_ids)
+            end = tokens.index(self.eos_id) + 1 if self.eos_id in tokens else len(tokens)  # after: the cut's EOS
+            at = [recorded.get(p + j) if j < end else None for j in range(len(tokens))]
+            lps = [None if r is None else r[0] for r in at]
+            tops = [None if r is None else r[1] for r in at]
+        self._emit(pending, Finished(pending.rid, tokens, nfe, seconds, reason, msg, lps, tops))
         with self._cv:
             self._live.discard(pending.rid)
 
@@ -466,7 +597,8 @@ class Engine:
             self._pos[row.slot] = self._pos[last.slot]
             last.slot = row.slot
             self._rows[row.slot] = last
-        self._finish(row.pending, tokens, row.k, time.perf_counter() - row.t0, reason, error)
+        self._finish(row.pending, tokens, row.k, time.perf_counter() - row.t0, reason, error,
+                     row.logprobs if tokens else None)
 
     def _batched_step(self) -> None:
         rows = self._rows
@@ -508,6 +640,7 @@ class Engine:
             at_index = [j for r in rows for j in range(*r.bounds[r.k])]
             self._tok[torch.tensor(at_slot, device=device), torch.tensor(at_index, device=device)] = drawn
             drawn_list = drawn.tolist()
+            recorded = self._record_logprobs(rows, n_out, needed, drawn)
         except Exception as e:
             for row in list(rows):
                 self._leave(row, "error", e)
@@ -526,6 +659,9 @@ class Engine:
                     row.eos_at = min(row.eos_at, *(q for q, t in zip(positions, new) if t == self.eos_id))
                 phase = DIFFUSION if lo < row.diffusion_end else SEQUENTIAL
                 event = StepEvent(row.rid, row.k, positions, new, phase)
+                if row.logprobs is not None:
+                    event.logprobs, event.top_logprobs = recorded[row.rid]
+                    row.logprobs.update(zip(positions, zip(*recorded[row.rid])))
                 row.k += 1
                 row.start, row.decided = lo, hi
                 err = self._emit(row.pending, event)
@@ -537,6 +673,20 @@ class Engine:
                 leaving.append((row, e))
         for row, err in leaving:
             self._leave(row, "error" if err is not None else None, err)
+
+    def _record_logprobs(self, rows: list[_Row], n_out: list[int], needed: Tensor, drawn: Tensor
+                         ) -> dict[int, tuple[list[float], list[TopLogprobs]]]:
+        """request id -> (log-probabilities, top alternatives) of the tokens this step drew, for the rows that
+        asked (the others cost nothing)."""
+        out = {}
+        a = 0
+        for row, n in zip(rows, n_out):
+            q, k = row.pending.req.params, row.pending.req.logprobs
+            if k is not None:
+                out[row.rid] = law_logprobs(needed[a:a + n], drawn[a:a + n], self.model.config.mask_id,
+                                            None if q.greedy else q.top_p, q.draw_temperature, k)
+            a += n
+        return out
 
     def _conditioning(self, b: int) -> FrozenConditioning:
         """The one-sample frozen conditioning relabelled for ``b`` rows: its folded weights do not depend on
