@@ -48,7 +48,7 @@ def _deterministic():
 NUMERICS_FILES = {
     "test_backbone.py", "test_reference.py", "test_reference_cached.py", "test_sampling_cache.py",
     "test_likelihood.py", "test_objectives.py", "test_masks.py", "test_io.py", "test_sampling_distribution.py",
-    "test_llama.py",
+    "test_llama.py", "test_llama_folder.py",
 }
 
 

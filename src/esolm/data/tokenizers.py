@@ -21,6 +21,12 @@ dependencies):
   character (newline, no-break space) to a space, anything else outside printable ASCII dropped (0.07%
   of the embedded corpus). Printable ASCII is untouched, so encode/decode is lossless on it.
 
+A Hugging Face tokenizer of a model without a mask token (SmolLM2 and the other Llama-family models) becomes one
+with :func:`hf_folder_tokenizer` (a folder's ``tokenizer.json`` and its ``tokenizer_config.json`` /
+``special_tokens_map.json`` / ``config.json``) or :func:`transformers_tokenizer` (a ``transformers`` fast
+tokenizer, e.g. the one embedded in a GGUF file): the mask is one special token appended at the model's
+``base_vocab_size`` (:func:`with_appended_mask`).
+
 All are wrapped by :class:`Tokenizer`, which carries the ids the method needs (``mask_id``,
 ``eos_id``, ``bos_id``, ``pad_id``) and saves/loads itself to a model folder (``tokenizer.json`` in HF
 format plus ``esolm_tokenizer.json`` with those ids), so exported models carry their tokenizer.
@@ -38,8 +44,9 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from esolm.errors import UserError
+from esolm.errors import CheckpointError, UserError
 from esolm.io.atomic import atomic_json, atomic_write
+from esolm.io.safe_pickle import cause_line
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BPE8K_FILE = ASSETS / "esolm-bpe-8k.json"
@@ -258,6 +265,140 @@ def chars() -> Tokenizer:
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([GPT2_EOS, MASK])
     return Tokenizer(backend, "chars", 1, 0, 0)
+
+
+# -- Hugging Face tokenizers of models without a mask token (Llama family) ----------------------------------------
+
+# BOS/EOS of the usual Llama-family vocabularies, tried in this order when the files name none
+FALLBACK_SPECIALS = (("<|endoftext|>", "<|endoftext|>"), ("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>"))
+# names the appended mask takes: the first one the vocabulary does not hold already
+MASK_CANDIDATES = (MASK, "<|esolm_mask|>", "<|esolm_mask_0|>", "<|esolm_mask_1|>")
+UNUSED = "<|esolm_unused_{}|>"  # ids between a tokenizer's vocabulary and a model's larger one
+
+
+def _special_id(backend: HFTokenizer, value, what: str, where: str) -> int | None:
+    """The id of a special token given as its string, ``{"content": string}`` (tokenizer_config.json) or its id
+    (config.json); ``None`` for no value. CheckpointError when the tokenizer does not hold it."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if isinstance(value, list) and value:  # config.json's eos_token_id may list several: the first is the EOS
+        value = value[0]
+    if value is None:
+        return None
+    if isinstance(value, str):
+        i = backend.token_to_id(value)
+        if i is None:
+            raise CheckpointError(f"{where}: its {what} {value!r} is not a token of the tokenizer")
+        return i
+    n = backend.get_vocab_size(with_added_tokens=True)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+        raise CheckpointError(f"{where}: its {what} {value!r} is not a token id of the tokenizer [0, {n})")
+    return value
+
+
+def with_appended_mask(backend: HFTokenizer, name: str, *, bos, eos, pad=None, base_vocab_size: int | None = None,
+                       where: str = "the tokenizer") -> Tokenizer:
+    """A :class:`Tokenizer` of a Hugging Face ``backend`` that has no mask token: a copy of it (padding and
+    truncation off) with the mask appended as one special token at id ``base_vocab_size`` (the model's
+    pretrained vocabulary, default the tokenizer's; ids between the two are filled with unused special tokens).
+
+    ``bos``/``eos``/``pad``: token strings (or ``{"content": ...}``) or ids of ``backend``; ``bos`` falls back to
+    the EOS and the EOS to the first of :data:`FALLBACK_SPECIALS` the vocabulary holds; ``pad`` to the EOS.
+    CheckpointError (one line) for a token the tokenizer lacks or a vocabulary larger than the model's.
+    """
+    backend = HFTokenizer.from_str(backend.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    n = backend.get_vocab_size(with_added_tokens=True)
+    base = n if base_vocab_size is None else base_vocab_size
+    if isinstance(base, bool) or not isinstance(base, int) or base < n:
+        raise CheckpointError(f"{where}: the tokenizer has {n:,} ids but the model's vocabulary is {base!r}")
+    ids = {what: _special_id(backend, v, what, where) for what, v in (("bos_token", bos), ("eos_token", eos),
+                                                                     ("pad_token", pad))}
+    if ids["eos_token"] is None:
+        for b, e in FALLBACK_SPECIALS:
+            if backend.token_to_id(e) is not None:
+                ids["eos_token"] = backend.token_to_id(e)
+                ids["bos_token"] = ids["bos_token"] if ids["bos_token"] is not None else backend.token_to_id(b)
+                break
+        else:
+            raise CheckpointError(f"{where}: names no EOS token and holds none of "
+                                  f"{', '.join(e for _, e in FALLBACK_SPECIALS)}")
+    eos_id = ids["eos_token"]
+    bos_id = eos_id if ids["bos_token"] is None else ids["bos_token"]
+    unused = [UNUSED.format(i) for i in range(n, base)]
+    taken = [t for t in unused if backend.token_to_id(t) is not None]
+    if taken:
+        raise CheckpointError(f"{where}: already holds {taken[0]!r}, the name of an unused id esolm would add")
+    mask = next((m for m in MASK_CANDIDATES if backend.token_to_id(m) is None), None)
+    if mask is None:
+        raise CheckpointError(f"{where}: already holds every mask name esolm uses ({', '.join(MASK_CANDIDATES)})")
+    backend.add_special_tokens([*unused, mask])
+    mask_id = backend.token_to_id(mask)
+    if mask_id != base or backend.get_vocab_size(with_added_tokens=True) != base + 1:
+        raise CheckpointError(f"{where}: its ids are not contiguous (the appended mask got id {mask_id}, not {base})")
+    return Tokenizer(backend, name, mask_id, eos_id, bos_id, ids["pad_token"])
+
+
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")  # BOS/EOS/PAD strings, first wins
+MODEL_CONFIGS = ("config.json", "generation_config.json")  # BOS/EOS/PAD ids, after the strings
+
+
+def _json_object(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable JSON ({cause_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
+def hf_folder_tokenizer(folder: str | os.PathLike, *, base_vocab_size: int | None = None,
+                        name: str | None = None) -> Tokenizer:
+    """The :class:`Tokenizer` of a Hugging Face model folder (``tokenizer.json``) with the mask appended
+    (:func:`with_appended_mask`). BOS/EOS/PAD are read from the folder: the token strings of
+    ``tokenizer_config.json`` then ``special_tokens_map.json``, else the ids of ``config.json`` then
+    ``generation_config.json`` (``bos_token_id``, ...), else the fallbacks of :func:`with_appended_mask`.
+    ``name`` defaults to the folder's name."""
+    folder = Path(folder)
+    file = folder / HF_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no {HF_FILE} (esolm reads Hugging Face tokenizers in the tokenizers "
+                              "library's format)")
+    try:
+        backend = HFTokenizer.from_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - a damaged tokenizer.json: one line (the library's errors vary)
+        raise CheckpointError(f"{file}: cannot be read as a tokenizer ({cause_line(exc)})") from None
+    found: dict[str, object] = {}
+    for source in TOKENIZER_CONFIGS:
+        data = _json_object(folder / source)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if key not in found and data.get(key) is not None:
+                found[key] = data[key]
+    for source in MODEL_CONFIGS:
+        data = _json_object(folder / source)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if key not in found and data.get(key + "_id") is not None:
+                found[key] = data[key + "_id"]
+    return with_appended_mask(backend, name or folder.resolve().name, bos=found.get("bos_token"),
+                              eos=found.get("eos_token"), pad=found.get("pad_token"),
+                              base_vocab_size=base_vocab_size, where=str(folder))
+
+
+def transformers_tokenizer(tokenizer, *, base_vocab_size: int | None = None, name: str = "hf",
+                           where: str = "the tokenizer") -> Tokenizer:
+    """The :class:`Tokenizer` of a ``transformers`` fast tokenizer (its ``backend_tokenizer``, ``bos_token``,
+    ``eos_token``, ``pad_token``) with the mask appended (:func:`with_appended_mask`): e.g. the tokenizer that
+    ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` rebuilds from a GGUF file."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, HFTokenizer):
+        raise CheckpointError(f"{where}: not a fast (tokenizers-backed) tokenizer ({type(tokenizer).__name__})")
+    return with_appended_mask(backend, name, bos=getattr(tokenizer, "bos_token", None),
+                              eos=getattr(tokenizer, "eos_token", None), pad=getattr(tokenizer, "pad_token", None),
+                              base_vocab_size=base_vocab_size, where=where)
 
 
 TOKENIZERS = {"gpt2": gpt2, "bert-base-uncased": bert_base_uncased, "esolm-bpe-8k": bpe8k, "chars": chars}

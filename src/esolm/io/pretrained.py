@@ -9,6 +9,11 @@
   "version": 1, "model": ModelConfig dict (with the trained length), "method": method dict}``,
   ``model.safetensors``, optionally ``tokenizer.json`` + ``esolm_tokenizer.json`` and the training recipe
   ``training_config.yaml``;
+* **esolm Llama folder** (:func:`save_pretrained` of an :class:`~esolm.model.llama.EsoLlama`,
+  :func:`esolm.io.llama.adapt_base`): the same files, with ``"backbone": "llama"`` and ``"model"`` the
+  :class:`~esolm.model.llama.EsoLlamaConfig` dict in ``config.json``, the EsoLlama's own parameter names (mask row
+  included) in ``model.safetensors``; either kind of folder may say where its weights come from in
+  ``"provenance"`` (e.g. ``{"base": ..., "adapted": false, "note": ...}``, :attr:`LoadedModel.provenance`);
 * **the authors' checkpoints** (:mod:`esolm.io.authors`): Lightning ``.ckpt`` (EMA weights by default),
   fixture-style ``.pt`` (``{"state_dict", "config", ...}``), a bare state dict (with ``config=``), a
   Hugging Face folder or repo id (``model.safetensors``, sharded, or ``pytorch_model.bin``).
@@ -31,15 +36,19 @@ import torch
 from safetensors.torch import save_file
 
 from esolm.config import ModelConfig
-from esolm.errors import CheckpointError, EsoLMError, UserError
+from esolm.errors import CheckpointError, ConfigError, EsoLMError, UserError
 from esolm.io import authors
 from esolm.io.atomic import atomic_dir, atomic_json, atomic_write
 from esolm.io.safe_pickle import cause_line, read_checkpoint
 from esolm.io.weights import (
+    _ST_DTYPES,
+    LAYER_OVERHEAD,
     Layout,
+    available_memory,
     build_model,
     check_config,
     check_header,
+    check_state,
     layout,
     model_config_from_dict,
     read_safetensors,
@@ -48,6 +57,7 @@ from esolm.io.weights import (
 )
 from esolm.methods import Method, as_method
 from esolm.model.backbone import DiT
+from esolm.model.llama import EsoLlama, EsoLlamaConfig
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -58,6 +68,8 @@ FORMAT = "esolm"
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LLAMA_BACKBONE = "llama"  # config.json "backbone" of an EsoLlama folder (a DiT folder has no "backbone")
+GGUF_MAGIC = b"GGUF"
 _FILE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yaml", ".yml", ".pkl", ".pickle",
                   ".tar", ".zip", ".gz", ".npz", ".npy", ".txt"}
 
@@ -65,12 +77,15 @@ _FILE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yam
 @dataclass
 class LoadedModel:
     """A model in eval mode, with what it was trained with: its method, its tokenizer (None when none was
-    saved with it and none was given) and its training recipe (the run config dict; ``{}`` when unknown)."""
+    saved with it and none was given), its training recipe (the run config dict; ``{}`` when unknown) and the
+    provenance its folder records (``{}`` when none: e.g. ``{"base": ..., "adapted": false, "note": ...}`` for a
+    Llama model adapted by :func:`esolm.io.llama.adapt_base`)."""
 
-    model: DiT
+    model: DiT | EsoLlama
     method: Method
     tokenizer: Any = None  # esolm.data.tokenizers.Tokenizer | None
     recipe: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
 
     @property
     def data(self) -> dict:
@@ -100,15 +115,17 @@ class LoadedModel:
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write this model, its method and tokenizer as an esolm folder (:func:`save_pretrained`)."""
-        return save_pretrained(self.model, path, self.method, tokenizer=self.tokenizer, recipe=self.recipe or None)
+        return save_pretrained(self.model, path, self.method, tokenizer=self.tokenizer, recipe=self.recipe or None,
+                               provenance=self.provenance or None)
 
 
 @dataclass
 class _Found:
-    model: DiT
+    model: DiT | EsoLlama
     method: dict | None
     tokenizer: Any = None
     recipe: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +320,18 @@ def _weight_files(folder: Path) -> list[Path] | Path:
     raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {TORCH_WEIGHTS_NAME}")
 
 
+def _read_headers(source: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The safetensors headers of one file or of shards (a name in two shards is refused), before any tensor."""
+    header: dict = {}
+    for file in source:
+        part = read_safetensors_header(file)
+        twice = sorted(set(part) & set(header))
+        if twice:
+            raise CheckpointError(f"{file}: tensor {twice[0]!r} is also in another shard")
+        header.update(part)
+    return header
+
+
 def _build_from(source: list[Path] | Path, cfg: ModelConfig, where: str, rename=lambda d: d) -> DiT:
     """Check ``cfg``, then the weights (headers before tensors), then build. ``rename`` maps the file's
     keys to the model's (e.g. strips ``backbone.``)."""
@@ -313,13 +342,7 @@ def _build_from(source: list[Path] | Path, cfg: ModelConfig, where: str, rename=
         if not isinstance(state, dict):
             raise CheckpointError(f"{source}: not a state dict")
         return build_model(cfg, rename(state), where, expected)
-    header: dict = {}
-    for file in source:
-        part = read_safetensors_header(file)
-        twice = sorted(set(part) & set(header))
-        if twice:
-            raise CheckpointError(f"{file}: tensor {twice[0]!r} is also in another shard")
-        header.update(part)
+    header = _read_headers(source)
     check_header(rename(header), cfg, where, expected)
     state: dict = {}
     for file in source:
@@ -336,15 +359,21 @@ def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -
         version = meta.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CheckpointError(f"{folder}: esolm format version {version!r} is not one this esolm reads")
-        cfg = (_user_config(config, None, None) if config is not None
-               else model_config_from_dict(meta.get("model"), str(folder / CONFIG_NAME)))
+        llama = _is_llama(meta, folder / CONFIG_NAME)
+        provenance = _provenance(meta, folder / CONFIG_NAME)
+        if llama:
+            cfg = _llama_config(meta.get("model"), config, str(folder / CONFIG_NAME))
+        else:
+            cfg = (_user_config(config, None, None) if config is not None
+                   else model_config_from_dict(meta.get("model"), str(folder / CONFIG_NAME)))
         recipe = _saved_recipe(folder)
         trained = authors.get(recipe, "data.length")
         if config is None and isinstance(trained, int) and trained != cfg.length:
             raise CheckpointError(f"{folder / CONFIG_NAME}: model length {cfg.length} differs from the length it was "
                                   f"trained with ({trained}, {RECIPE_NAME})")
-        model = _build_from(_weight_files(folder), cfg, where)
-        return _Found(model, _method(meta.get("method"), where), None, recipe)
+        model = _build_llama(_weight_files(folder), cfg, where) if llama else _build_from(_weight_files(folder), cfg,
+                                                                                             where)
+        return _Found(model, _method(meta.get("method"), where), None, recipe, provenance)
     if "n_blocks" in meta:
         cfg = (_user_config(config, meta.get("vocab_size"), mask_index) if config is not None
                else authors.config_from_hf(meta))
@@ -352,7 +381,88 @@ def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -
             cfg = ModelConfig.from_dict({**cfg.to_dict(), "mask_id": mask_index})
         model = _build_from(_weight_files(folder), cfg, where, authors.backbone_state)
         return _Found(model, _method(authors.method_from_hf(meta, name), where), None, _saved_recipe(folder))
+    if meta.get("model_type") == "llama":
+        raise CheckpointError(f"{folder}: a Hugging Face Llama folder, not an esolm one: write an esolm folder from it "
+                              "with esolm.io.llama.adapt_base(folder, out_folder)")
     raise CheckpointError(f"{folder / CONFIG_NAME}: neither an esolm nor an authors' Hugging Face config")
+
+
+# --------------------------------------------------------------------------------------------------
+# esolm Llama folders (EsoLlama: "backbone": "llama" in config.json)
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_llama(meta: dict, file: Path) -> bool:
+    """Whether an esolm ``config.json`` describes an EsoLlama (``"backbone": "llama"``) or a DiT (no backbone)."""
+    backbone = meta.get("backbone")
+    if backbone is not None and backbone != LLAMA_BACKBONE:
+        raise CheckpointError(f"{file}: backbone {backbone!r} is not one this esolm reads ({LLAMA_BACKBONE!r}, or "
+                              "none for the DiT)")
+    return backbone == LLAMA_BACKBONE
+
+
+def _provenance(meta: dict, file: Path) -> dict:
+    value = meta.get("provenance")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: provenance must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _llama_config(stored: Any, config: Any, where: str) -> EsoLlamaConfig:
+    """The folder's :class:`EsoLlamaConfig`, or ``config=`` (an EsoLlamaConfig or its dict) in its place."""
+    if config is not None:
+        if isinstance(config, EsoLlamaConfig):
+            return config
+        if not isinstance(config, dict):
+            raise CheckpointError(f"config= for a Llama folder must be an EsoLlamaConfig or its dict, got "
+                                  f"{type(config).__name__}")
+        stored, where = config, "config="
+    try:
+        return EsoLlamaConfig.from_dict(stored)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: invalid Llama model config ({exc})") from None
+
+
+def check_llama_memory(cfg: EsoLlamaConfig, dtype: torch.dtype, loaded_bytes: int, where: str) -> None:
+    """Refuse an EsoLlama that would not fit (its parameters in ``dtype``, the Python objects of its layers, plus
+    ``loaded_bytes`` of weights read to fill it) before anything of its size is allocated."""
+    params = cfg.parameter_count()
+    need = params * torch.empty((), dtype=dtype).element_size() + LAYER_OVERHEAD * cfg.n_layers + loaded_bytes
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise CheckpointError(f"{where}: the model has {params:,} parameters ({cfg.n_layers} layers of hidden size "
+                              f"{cfg.hidden_size}); building it needs {need / (1 << 30):.1f} GiB but only "
+                              f"{avail / (1 << 30):.1f} GiB of memory is available")
+
+
+def llama_layout(cfg: EsoLlamaConfig) -> Layout:
+    """Names and shapes of an EsoLlama's state dict (call :func:`check_llama_memory` first: linear in n_layers)."""
+    shapes = cfg.state_shapes()
+    return Layout(shapes, list(shapes))
+
+
+def _build_llama(source: list[Path] | Path, cfg: EsoLlamaConfig, where: str) -> EsoLlama:
+    """The checks of :mod:`esolm.io.weights` in their order (memory, then headers, then every tensor), then the
+    EsoLlama holding the weights in their stored dtype (the embedding's)."""
+    if isinstance(source, Path):
+        check_llama_memory(cfg, torch.float32, 0, where)
+        state = read_checkpoint(source)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{source}: not a state dict")
+        expected = llama_layout(cfg)
+    else:
+        header = _read_headers(source)
+        stored = header.get("embed_tokens.weight", ("F32", ()))[0]
+        check_llama_memory(cfg, _ST_DTYPES[stored][1] or torch.float32, 0, where)
+        expected = llama_layout(cfg)
+        check_header(header, cfg, where, expected)
+        state = {}
+        for file in source:
+            state.update(read_safetensors(file))
+    check_state(state, cfg, where, expected)
+    return EsoLlama.assemble(cfg, state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,6 +565,11 @@ def _read_pickle(file: Path, config: Any, use_ema: bool, mask_index: int | None)
     raise CheckpointError(f"{file}: neither a Lightning/fixture checkpoint ('state_dict') nor a state dict")
 
 
+def _is_gguf(file: Path) -> bool:
+    with open(file, "rb") as fh:
+        return fh.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
 def _is_safetensors(file: Path) -> bool:
     """A safetensors file starts with an 8-byte header length and a JSON object."""
     with open(file, "rb") as fh:
@@ -475,6 +590,9 @@ def _read(path_or_repo: str | os.PathLike, *, config: Any = None, use_ema: bool 
         raise CheckpointError(f"{path} is neither a file nor a folder")
     if path.is_dir():
         return _read_folder(path, config, mask_index, str(path_or_repo)), path
+    if _is_gguf(path):
+        raise CheckpointError(f"{path}: a GGUF file, not an esolm checkpoint: write an esolm folder from it with "
+                              "esolm.io.llama.adapt_base(file, out_folder)")
     if _is_safetensors(path):
         if config is None:  # the weights of a folder: read the folder
             return _read_folder(path.parent, config, mask_index, str(path_or_repo)), path.parent
@@ -532,10 +650,11 @@ def load_model(
                         f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
     if device is not None:
         model = model.to(device)
-    return LoadedModel(model.eval(), spec, tok, found.recipe)
+    return LoadedModel(model.eval(), spec, tok, found.recipe, found.provenance)
 
 
-def load_pretrained(path_or_repo: str | os.PathLike, *, device: Any = None, **kwargs) -> tuple[DiT, Method | None]:
+def load_pretrained(path_or_repo: str | os.PathLike, *, device: Any = None,
+                    **kwargs) -> tuple[DiT | EsoLlama, Method | None]:
     """``(model in eval mode, method spec or None)`` of any format :func:`load_model` reads (same keyword
     arguments, less the tokenizer ones); the method may be unknown (a bare state dict with ``config=``)."""
     found, _ = _read(path_or_repo, **kwargs)
@@ -548,7 +667,7 @@ def load_pretrained(path_or_repo: str | os.PathLike, *, device: Any = None, **kw
 # --------------------------------------------------------------------------------------------------
 
 
-def _unshared_cpu_state(model: DiT) -> dict[str, torch.Tensor]:
+def _unshared_cpu_state(model: DiT | EsoLlama) -> dict[str, torch.Tensor]:
     """State dict ready for safetensors: contiguous CPU tensors, no two sharing storage."""
     out, seen = {}, set()
     for key, t in model.state_dict().items():
@@ -562,30 +681,51 @@ def _unshared_cpu_state(model: DiT) -> dict[str, torch.Tensor]:
     return out
 
 
-def _unwrap(model: Any) -> DiT:
-    """The DiT inside ``torch.compile`` (``_orig_mod``) and DDP/FSDP-style (``module``) wrappers."""
+def _unwrap(model: Any) -> DiT | EsoLlama:
+    """The DiT or EsoLlama inside ``torch.compile`` (``_orig_mod``) and DDP/FSDP-style (``module``) wrappers."""
     seen = 0
-    while not isinstance(model, DiT) and seen < 8:
+    while not isinstance(model, (DiT, EsoLlama)) and seen < 8:
         inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
         if inner is None:
             break
         model, seen = inner, seen + 1
-    if not isinstance(model, DiT):
-        raise CheckpointError(f"save_pretrained expects an esolm DiT, got {type(model).__name__}")
+    if not isinstance(model, (DiT, EsoLlama)):
+        raise CheckpointError(f"save_pretrained expects an esolm DiT or EsoLlama, got {type(model).__name__}")
     return model
 
 
-def save_pretrained(model: DiT, path: str | os.PathLike, method: Method | dict | None = None, *,
-                    tokenizer: Any = None, recipe: dict | None = None) -> Path:
+def _checked_provenance(provenance: Any) -> dict | None:
+    if provenance is None:
+        return None
+    if not isinstance(provenance, dict):
+        raise UserError(f"provenance must be a dict, got {type(provenance).__name__}")
+    try:
+        json.dumps(provenance, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"provenance must hold JSON values only ({cause_line(exc)})") from None
+    return provenance
+
+
+def save_pretrained(model: DiT | EsoLlama, path: str | os.PathLike, method: Method | dict | None = None, *,
+                    tokenizer: Any = None, recipe: dict | None = None, provenance: dict | None = None) -> Path:
     """Write an esolm folder atomically: ``model.safetensors``, ``config.json`` (architecture with the
     trained length, method), and the tokenizer and training recipe (``training_config.yaml``) when given.
 
+    An :class:`~esolm.model.llama.EsoLlama` is written with ``"backbone": "llama"`` and its
+    :class:`~esolm.model.llama.EsoLlamaConfig`; a DiT folder is unchanged. ``provenance`` (a JSON object, e.g.
+    ``{"base": ..., "adapted": false, "note": ...}``) is recorded in ``config.json`` when given.
+
     A new folder appears whole; an existing one has each file replaced atomically. Compiled or distributed
-    wrappers are unwrapped, so the keys are always the DiT's own.
+    wrappers are unwrapped, so the keys are always the backbone's own.
     """
     model = _unwrap(model)
+    provenance = _checked_provenance(provenance)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict(),
             "method": as_method(method).to_dict() if method is not None else None}
+    if isinstance(model, EsoLlama):
+        meta["backbone"] = LLAMA_BACKBONE
+    if provenance is not None:
+        meta["provenance"] = provenance
     state = _unshared_cpu_state(model)
     try:
         with atomic_dir(path) as tmp:
@@ -604,4 +744,4 @@ def save_pretrained(model: DiT, path: str | os.PathLike, method: Method | dict |
 
 __all__ = ["LoadedModel", "ModelNotFound", "resolve_model", "shipped_models", "load_model", "load_pretrained",
            "save_pretrained", "load_authors_state_dict", "is_repo_id", "WEIGHTS_NAME", "CONFIG_NAME", "RECIPE_NAME",
-           "FORMAT", "FORMAT_VERSION"]
+           "FORMAT", "FORMAT_VERSION", "LLAMA_BACKBONE", "check_llama_memory", "llama_layout"]

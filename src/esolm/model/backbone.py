@@ -291,6 +291,16 @@ class DiT(nn.Module):
     def device(self) -> torch.device:
         return self.vocab_embed.embedding.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (that of the keys/values a KV cache holds)."""
+        return self.vocab_embed.embedding.dtype
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """``(n_layers, kv_heads, head_dim)``: a KV cache entry of one layer is ``[B, kv_heads, S, head_dim]``
+        (here every attention head has its own keys/values: ``kv_heads = n_heads``)."""
+        return self.config.n_layers, self.config.n_heads, self.config.head_dim
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.config.n_layers, max_len or self.config.length)
 

@@ -114,6 +114,25 @@ class EsoLlamaConfig:
         heads = 1 if self.tie_word_embeddings else 2
         return heads * self.vocab_size * d + self.n_layers * block + d
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of ``EsoLlama(self).state_dict()``, in its order, without building it (the mask row
+        included: ``vocab_size`` rows)."""
+        v, d, inter = self.vocab_size, self.hidden_size, self.intermediate_size
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (v, d)}
+        for i in range(self.n_layers):
+            p = f"layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (d,), p + "self_attn.q_proj.weight": (q, d),
+                p + "self_attn.k_proj.weight": (kv, d), p + "self_attn.v_proj.weight": (kv, d),
+                p + "self_attn.o_proj.weight": (d, q), p + "post_attention_layernorm.weight": (d,),
+                p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
+                p + "mlp.down_proj.weight": (d, inter)})
+        shapes["norm.weight"] = (d,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (v, d)
+        return shapes
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -315,7 +334,24 @@ class EsoLlama(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype (that of the keys/values a KV cache holds)."""
         return self.embed_tokens.weight.dtype
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """``(n_layers, kv_heads, head_dim)``: a KV cache entry of one layer is ``[B, kv_heads, S, head_dim]``
+        (the ``n_kv_heads`` un-expanded key/value heads), as :meth:`esolm.model.backbone.DiT.kv_layout`."""
+        return self.config.n_layers, self.config.n_kv_heads, self.config.head_dim
+
+    @classmethod
+    def assemble(cls, config: EsoLlamaConfig, state: dict[str, Tensor], dtype: torch.dtype | None = None) -> EsoLlama:
+        """An EsoLlama (eval mode) holding ``state`` — its own parameter names, every one present, shapes
+        checked by the caller — in ``dtype`` (default: the embedding's). Built on the meta device and filled by
+        assignment: no random initialisation, and no copy of tensors already in ``dtype``."""
+        dtype = dtype or state["embed_tokens.weight"].dtype
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict({k: t.to(dtype) for k, t in state.items()}, strict=True, assign=True)
+        return model.eval()
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.config.n_layers, max_len or self.config.length)
