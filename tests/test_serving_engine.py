@@ -396,3 +396,33 @@ def test_draw_segments_is_draw_per_segment(dtype):
             assert torch.equal(gens[j].get_state(), alone.get_state())
             a += c
         assert not (got == 7).any()
+
+
+def tiny_llama(dtype: torch.dtype = torch.float64):
+    """A random Llama-family backbone (grouped KV heads, no time conditioning) with the same vocabulary."""
+    from esolm.model.llama import EsoLlama, EsoLlamaConfig
+
+    torch.manual_seed(0)
+    cfg = EsoLlamaConfig(base_vocab_size=M, hidden_size=32, intermediate_size=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, length=L)
+    model = EsoLlama(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("method", [ESOLM_B, AR], ids=["esolm_b", "ar"])
+def test_llama_backbone_batched_equals_generate_alone(method):
+    """The engine is backbone-agnostic: its slot cache takes the backbone's KV layout (2 KV heads for 4 query
+    heads here) and no time conditioning; every request still gets generate's tokens alone."""
+    model = tiny_llama()
+    assert model.kv_layout() == (2, 2, 8) and model.frozen_conditioning(1) is None
+    engine = Engine(model, method, max_batch=3, bos_id=0)
+    assert engine.slot_bytes == 2 * 2 * 2 * (L + 1) * 8 * 8  # K and V, 2 layers, 2 KV heads, L + 1 slots, float64
+    col = Collector()
+    mix = ESOLM_MIX if method is ESOLM_B else [R([1, 2, 3], 12, seed=1), R([], 15, seed=2, top_p=0.9),
+                                                R([5], 9, seed=3, temperature=0.7), R([4] * 6, 10, seed=4)]
+    reqs = staggered(engine, col, mix, [2, 2])
+    assert len(col.finished) == len(reqs)
+    assert_alone(engine, col, reqs)

@@ -309,9 +309,10 @@ class Engine:
         self._cond: dict[int, FrozenConditioning] = {}
         if self.batched:
             device = model.device
-            dtype = model.vocab_embed.embedding.dtype
+            dtype = model.dtype
             with torch.inference_mode():
-                self._cache = SlotKV(cfg.n_layers, self.max_batch, cfg.n_heads, cfg.length, cfg.head_dim, dtype,
+                n_layers, kv_heads, head_dim = model.kv_layout()  # any backbone: DiT, EsoLlama (grouped KV heads)
+                self._cache = SlotKV(n_layers, self.max_batch, kv_heads, cfg.length, head_dim, dtype,
                                      device)
                 self._tok = torch.zeros(self.max_batch, cfg.length, dtype=torch.long, device=device)
                 self._pos = torch.zeros_like(self._tok)
@@ -688,9 +689,11 @@ class Engine:
             a += n
         return out
 
-    def _conditioning(self, b: int) -> FrozenConditioning:
+    def _conditioning(self, b: int) -> FrozenConditioning | None:
         """The one-sample frozen conditioning relabelled for ``b`` rows: its folded weights do not depend on
         the row (sigma = 0 for every row), so they serve any batch."""
+        if self._cond1 is None:  # a backbone without time conditioning (EsoLlama)
+            return None
         if b not in self._cond:
             self._cond[b] = dataclasses.replace(self._cond1, batch_size=b)
         return self._cond[b]
