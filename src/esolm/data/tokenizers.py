@@ -47,6 +47,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from esolm.errors import CheckpointError, UserError
 from esolm.io.atomic import atomic_json, atomic_write
 from esolm.io.safe_pickle import cause_line
+from esolm.io.weights import read_json_object
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BPE8K_FILE = ASSETS / "esolm-bpe-8k.json"
@@ -345,15 +346,8 @@ MODEL_CONFIGS = ("config.json", "generation_config.json")  # BOS/EOS/PAD ids, af
 
 
 def _json_object(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable JSON ({cause_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return data
+    """The JSON object in ``file``, ``{}`` when there is no such file."""
+    return read_json_object(file) if file.is_file() else {}
 
 
 def hf_folder_tokenizer(folder: str | os.PathLike, *, base_vocab_size: int | None = None,

@@ -30,13 +30,12 @@ from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io.pretrained import (
     CONFIG_NAME,
     _read_headers,
-    _read_json,
     _weight_files,
     check_llama_memory,
     save_pretrained,
 )
 from esolm.io.safe_pickle import cause_line, read_checkpoint
-from esolm.io.weights import WEIGHT_DTYPES, Layout, check_header, check_state, read_safetensors
+from esolm.io.weights import WEIGHT_DTYPES, Layout, check_header, check_state, read_json_object, read_safetensors
 from esolm.methods import Method, as_method
 from esolm.model.llama import EsoLlama, EsoLlamaConfig
 
@@ -177,7 +176,7 @@ def from_hf_folder(path: str | Path, *, dtype: torch.dtype | None = None, length
                               "model.safetensors)")
     if not (folder / CONFIG_NAME).is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME}")
-    cfg = config_from_hf(_read_json(folder / CONFIG_NAME), str(folder / CONFIG_NAME), length)
+    cfg = config_from_hf(read_json_object(folder / CONFIG_NAME), str(folder / CONFIG_NAME), length)
     source = _weight_files(folder)
     where = str(folder)
     if isinstance(source, Path):  # pytorch_model.bin: the safe unpickler bounds memory itself
@@ -298,7 +297,7 @@ def adapt_base(source: str | Path, out_folder: str | Path, method: Method | dict
         if not (src / CONFIG_NAME).is_file():
             raise CheckpointError(f"{src}: no {CONFIG_NAME} (a Hugging Face Llama folder holds {CONFIG_NAME}, "
                                   "model.safetensors and tokenizer.json)")
-        cfg = config_from_hf(_read_json(src / CONFIG_NAME), str(src / CONFIG_NAME), length)
+        cfg = config_from_hf(read_json_object(src / CONFIG_NAME), str(src / CONFIG_NAME), length)
         tokenizer = hf_folder_tokenizer(src, base_vocab_size=cfg.base_vocab_size)
         model = from_hf_folder(src, dtype=dtype, length=length)
     else:

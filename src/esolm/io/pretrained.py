@@ -51,6 +51,7 @@ from esolm.io.weights import (
     check_state,
     layout,
     model_config_from_dict,
+    read_json_object,
     read_safetensors,
     read_safetensors_header,
     strip_prefix,
@@ -286,16 +287,6 @@ def _saved_recipe(folder: Path) -> dict:
     return recipe
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable JSON ({cause_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return data
-
-
 # --------------------------------------------------------------------------------------------------
 # Weights of folders: safetensors (checked from the header first), sharded, or a pickled state dict
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +297,7 @@ def _weight_files(folder: Path) -> list[Path] | Path:
     if (folder / WEIGHTS_NAME).is_file():
         return [folder / WEIGHTS_NAME]
     if (folder / WEIGHTS_INDEX_NAME).is_file():
-        index = _read_json(folder / WEIGHTS_INDEX_NAME)
+        index = read_json_object(folder / WEIGHTS_INDEX_NAME)
         weight_map = index.get("weight_map")
         shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
         if not shards:
@@ -353,7 +344,7 @@ def _build_from(source: list[Path] | Path, cfg: ModelConfig, where: str, rename=
 def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -> _Found:
     if not (folder / CONFIG_NAME).is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME} (neither an esolm nor an authors' Hugging Face folder)")
-    meta = _read_json(folder / CONFIG_NAME)
+    meta = read_json_object(folder / CONFIG_NAME)
     where = str(folder)
     if meta.get("format") == FORMAT:
         version = meta.get("version")

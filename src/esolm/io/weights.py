@@ -119,6 +119,18 @@ def check_config(cfg: ModelConfig, where: str) -> None:
             "available")
 
 
+def read_json_object(file: Path) -> dict:
+    """The JSON object in ``file`` (a model folder's config, index or tokenizer metadata); a one-line
+    CheckpointError when it cannot be read or is not an object."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable JSON ({cause_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
 def model_config_from_dict(d: object, where: str) -> ModelConfig:
     """A ModelConfig from a stored dict, which must name the architecture and the trained length (no silent
     defaults for them)."""

@@ -99,14 +99,12 @@ class StreamOptions(BaseModel):
     include_usage: Annotated[bool, Field(strict=True)] = False
 
 
-class CompletionBody(BaseModel):
-    """The JSON body of ``POST /v1/completions`` (types only; values are checked against the model)."""
+class _Body(BaseModel):
+    """The fields both endpoints share (OpenAI's names; types only, values are checked against the model)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: Text | None = None
-    prompt: Text | list[Text] | list[Int] | list[list[Int]] = ""
-    suffix: Text | None = None
     max_tokens: Int | None = None
     temperature: Float = 1.0
     top_p: Float | None = None
@@ -115,12 +113,19 @@ class CompletionBody(BaseModel):
     seed: Int = 0
     stream: Annotated[bool, Field(strict=True)] = False
     stream_options: StreamOptions | None = None
+    user: Text | None = None
+    alpha0: Float | None = None  # esolm: Eso-LM's sampling alpha0
+    steps: Int | None = None  # esolm: the schedule's steps
+    schedule: Text = "auto"  # esolm: the sampler
+
+
+class CompletionBody(_Body):
+    """The JSON body of ``POST /v1/completions``."""
+
+    prompt: Text | list[Text] | list[Int] | list[list[Int]] = ""
+    suffix: Text | None = None
     logprobs: Int | None = None
     echo: Annotated[bool, Field(strict=True)] = False
-    user: Text | None = None
-    alpha0: Float | None = None
-    steps: Int | None = None
-    schedule: Text = "auto"
     infill: dict[str, Text] | None = None
 
 
@@ -142,28 +147,13 @@ class ChatMessage(BaseModel):
     name: Text | None = None
 
 
-class ChatBody(BaseModel):
+class ChatBody(_Body):
     """The JSON body of ``POST /v1/chat/completions``."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: Text | None = None
     messages: list[ChatMessage]
-    max_tokens: Int | None = None
     max_completion_tokens: Int | None = None
-    temperature: Float = 1.0
-    top_p: Float | None = None
-    n: Int = 1
-    stop: Text | list[Text] | None = None
-    seed: Int = 0
-    stream: Annotated[bool, Field(strict=True)] = False
-    stream_options: StreamOptions | None = None
     logprobs: Annotated[bool, Field(strict=True)] = False
     top_logprobs: Int | None = None
-    user: Text | None = None
-    alpha0: Float | None = None
-    steps: Int | None = None
-    schedule: Text = "auto"
 
 
 class TokenizeBody(BaseModel):
