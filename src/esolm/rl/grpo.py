@@ -446,3 +446,7 @@ class LitGRPO(pl.LightningModule):
         self.fit_seconds = float(state.get("fit_seconds", 0.0))
         if "reference" in state and self._reference[0] is not None:
             self._reference[0].load_state_dict(state["reference"])
+        if "lr_schedulers" not in checkpoint:  # saved before esolm rl had optim.schedule: a constant rate so far
+            steps = int(checkpoint.get("global_step", 0))
+            sched = self.configure_optimizers()["lr_scheduler"]["scheduler"].state_dict()
+            checkpoint["lr_schedulers"] = [{**sched, "last_epoch": steps, "_step_count": steps + 1}]
