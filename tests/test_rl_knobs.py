@@ -11,7 +11,7 @@ import torch
 
 from esolm.io import load_model
 from esolm.rl import grpo
-from esolm.rl.config import upgrade_legacy
+from esolm.rl.config import RLConfig, apply_overrides, upgrade_legacy
 from esolm.rl.grpo import (
     eos_mask,
     group_advantages,
@@ -116,6 +116,11 @@ def test_reference_sync_mixes_and_lr_schedules():
 def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
     assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 4, 2) == 1.0 and pass_at_k(4, 1, 1) == 0.25
+
+
+def test_scale_rewards_takes_trls_booleans():
+    assert apply_overrides(RLConfig(), ["rl.scale_rewards=false"]).rl.scale_rewards == "none"
+    assert apply_overrides(RLConfig(), ["rl.scale_rewards=true"]).rl.scale_rewards == "group"
 
 
 def test_legacy_config_keys_upgrade():

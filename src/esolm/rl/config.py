@@ -57,6 +57,7 @@ class RLSection:
     steps: int | None = None         # diffusion steps T of the rollout schedule (default: completion length)
     mask_prompt: float = 0.15        # mean-field only: probability of masking each prompt token (d1)
     scale_rewards: str = "group"     # divide advantages by the group's std (GRPO) | batch (the batch's) | none
+    #                                  (true / false, as TRL takes them: group / none)
 
 
 @dataclass
@@ -197,6 +198,8 @@ def apply_dict(cfg: RLConfig, d: dict) -> RLConfig:
                 _check_trainer_key(key, name)
                 if key == "rl" and name in RENAMED:
                     raise ConfigError(f"rl.{name} is now rl.{RENAMED[name]} (TRL's name)")
+                if key == "rl" and name == "scale_rewards" and isinstance(v, bool):  # TRL's booleans
+                    v = "group" if v else "none"
                 set_field(getattr(cfg, key), name, v, f"{key}.{name}")
         else:
             raise ConfigError(f"unknown RL config section '{key}' (known: policy, {', '.join(SECTIONS)})")
