@@ -130,7 +130,16 @@ def test_legacy_config_keys_upgrade():
 
 
 # -- runs -------------------------------------------------------------------------------------------------------
-def test_knobs_in_a_run_are_logged(policies, tmp_path, capsys):
+def test_knobs_in_a_run_are_logged(policies, tmp_path, capsys, monkeypatch):
+    """dr_grpo, clip-higher, EOS masks, skipped groups, batch-scaled rewards and a linear schedule in one run: the
+    loss masks are the EOS masks of the rollouts less the tied groups' rows; lr, entropy, mismatch are logged."""
+    collect_, batches = grpo.LitGRPO._collect, []
+
+    def collect(self):
+        batches.append(collect_(self))
+        return batches[-1]
+
+    monkeypatch.setattr(grpo.LitGRPO, "_collect", collect)
     out = tmp_path / "o"
     rc, _, err = run_cli(rl_args(policies["b"], out, f"task.reward={policies['reward']}", "rl.loss_type=dr_grpo",
                                  "rl.epsilon_high=0.28", "rl.mask_after_eos=true", "rl.skip_zero_variance_groups=true",
@@ -142,6 +151,14 @@ def test_knobs_in_a_run_are_logged(policies, tmp_path, capsys):
     for r in rows.values():
         assert 0.0 <= r["skipped_groups"] <= 2 and r["entropy"] > 0 and math.isfinite(r["loss"])
         assert r["logp_mismatch"] < 1e-5  # the sampler's log-probs are the trainer's, up to numerics
+    eos = load_model(policies["b"]).tokenizer.eos_id
+    for data, step in zip(batches, range(3)):
+        tied = tied_groups(data["rewards"], 4).repeat_interleave(4)
+        assert rows[step]["skipped_groups"] == float(tied.sum()) / 4
+        for g in data["groups"]:
+            r = g["rollouts"]
+            want = eos_mask(r.tokens, r.prompt_len, eos) & ~tied[g["rows"]][:, None]
+            assert torch.equal(g["mask"], want)
 
 
 def test_a_tied_batch_is_skipped_entirely(policies, tmp_path, capsys):

@@ -332,7 +332,7 @@ class LitGRPO(pl.LightningModule):
                 mask &= keep[idx][:, None]
             # mean-field: a fresh prompt mask per inner iteration (d1), shared by old, new and reference within it
             seeds = [step_seed(self.seed, k, rank, 2, j, *([i] if i else [])) for i in range(rl.num_iterations)]
-            g = dict(rollouts=r, adv=adv[idx], seeds=seeds, mask=mask)
+            g = dict(rollouts=r, rows=idx, adv=adv[idx], seeds=seeds, mask=mask)
             with torch.no_grad():
                 if mean_field:
                     g["old"] = [self._logprobs(self.policy, r, s) for s in seeds]
