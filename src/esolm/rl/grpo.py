@@ -341,9 +341,8 @@ class LitGRPO(pl.LightningModule):
                     g["old"] = [r.logprobs] * rl.num_iterations
                     g["ref"] = None if ref_model is None else [self._logprobs(ref_model, r, 0)] * rl.num_iterations
             groups.append(g)
-        tokens = sum(g["rollouts"].completions.numel() for g in groups)
         nfe = sum(g["rollouts"].nfe for g in groups)
-        return dict(groups=groups, rewards=rewards, tokens=tokens, nfe=nfe, rollout_s=t_roll,
+        return dict(groups=groups, rewards=rewards, nfe=nfe, rollout_s=t_roll,
                     collect_s=time.perf_counter() - t0, skipped=int(tied.sum()) if rl.skip_zero_variance_groups else 0)
 
     def _logprobs(self, model, r: Rollouts, seed: int) -> Tensor:
