@@ -81,7 +81,7 @@ def policy_gradients(task: str, batches: int, seed: int = 0) -> dict:
             for j, (r, idx) in enumerate(zip(rolls, rows)):
                 gen = torch.Generator().manual_seed(step_seed(seed, k, 2, j))
                 lp = sequence_logprobs(model, method, r, lik, gen, rl.mask_prompt)
-                loss, _ = grpo_loss(lp, lp.detach(), adv[idx], rl.clip_eps)
+                loss, _ = grpo_loss(lp, lp.detach(), adv[idx], rl.epsilon)
                 loss.backward()
             grads[lik].append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
                                          for p in params]))

@@ -70,7 +70,7 @@ def test_group_advantages_and_clipped_loss_follow_their_formulas():
     ref = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
     torch.testing.assert_close(a, ref, rtol=0, atol=1e-15)
     assert a[4:].abs().max() == 0  # a group with equal rewards teaches nothing
-    torch.testing.assert_close(group_advantages(r, 4, scale=False), (g - g.mean(1, keepdim=True)).reshape(-1))
+    torch.testing.assert_close(group_advantages(r, 4, scale="none"), (g - g.mean(1, keepdim=True)).reshape(-1))
     old = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.9]], dtype=torch.float64))
     new = old + torch.tensor([[0.5, -0.5], [-0.5, 0.0]], dtype=torch.float64)
     adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
@@ -171,7 +171,7 @@ def test_mean_field_passes_share_one_prompt_mask_and_stats_cover_every_group(pol
     out = tmp_path / "o"
     rc, _, err = run_cli(rl_args(policies["b"], out, "task.name=null", f"task.prompts={prompts}",
                                  f"task.reward={policies['reward']}", "rl.likelihood=mean-field", "rl.mask_prompt=0.5",
-                                 "rl.top_p=0.5", "rl.beta=0.05", "rl.inner_updates=2", "rl.prompts_per_step=6",
+                                 "rl.top_p=0.5", "rl.beta=0.05", "rl.num_iterations=2", "rl.prompts_per_step=6",
                                  "rl.group_size=2", "optim.lr=0.05", "trainer.max_steps=3"), capsys)
     assert rc == 0, err
     logs = next((out / "logs").rglob("metrics.csv")).read_text().splitlines()
@@ -193,7 +193,7 @@ def test_mean_field_passes_share_one_prompt_mask_and_stats_cover_every_group(pol
 
 def test_a_run_writes_its_outputs_and_resumes_exactly(policies, tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    extra = ("rl.inner_updates=2", "rl.beta=0.05", f"task.reward={policies['reward']}")
+    extra = ("rl.num_iterations=2", "rl.beta=0.05", f"task.reward={policies['reward']}")
     rc, out, err = run_cli(rl_args(policies["b"], straight, "trainer.max_steps=4", *extra), capsys)
     assert rc == 0, err
     assert "held-out accuracy (8 prompts)" in out

@@ -6,6 +6,8 @@ Examples::
     esolm rl arithmetic                              # GRPO from it with the exact trajectory likelihood
     esolm rl arithmetic rl.likelihood=mean-field trainer.out_dir=runs/rl-arith-mf
     esolm rl my_rl.yaml policy=runs/sft/policy task.prompts=prompts.jsonl task.reward=rewards.py:score
+    esolm rl arithmetic rl.loss_type=dapo rl.epsilon_high=0.28 rl.skip_zero_variance_groups=true \
+        rl.num_iterations=2 optim.schedule=cosine optim.warmup_steps=10   # TRL's GRPO knobs (README)
 
 ``TASK`` is a shipped task (arithmetic, sudoku, countdown: preset ``rl-TASK``) or a YAML file. The run writes
 ``OUT/checkpoints`` (resumable: the same command continues from ``last.ckpt``), ``OUT/logs``,

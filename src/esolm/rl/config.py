@@ -8,6 +8,7 @@ task, or a prompt file plus a reward function), ``rl`` (GRPO and rollout setting
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from esolm.rl.trajectory import LIKELIHOODS
 from esolm.sampling.params import MAX_SEED, SamplingParams, check_integer
 
 MAX_EVAL_PROMPTS = 100_000  # held-out prompts one evaluation may score (task.eval_prompts, eval-task --prompts)
+MAX_SAMPLES = 1024  # samples per held-out prompt (eval-task --samples, for pass@k)
 
 
 @dataclass
@@ -38,9 +40,15 @@ class RLSection:
     likelihood: str = "exact"        # exact (Eso-LM (B)) | mean-field (d1's estimate; any diffusion model)
     group_size: int = 8              # G rollouts per prompt
     prompts_per_step: int = 4        # prompts per RL iteration (batch = prompts_per_step x group_size)
-    inner_updates: int = 1           # optimizer steps on each batch of rollouts (mu)
-    clip_eps: float = 0.2
+    num_iterations: int = 1          # optimizer steps on each batch of rollouts (mu, TRL's num_iterations)
+    epsilon: float = 0.2             # lower clip: rho >= 1 - epsilon
+    epsilon_high: float | None = None  # upper clip: rho <= 1 + epsilon_high (DAPO clip-higher; default epsilon)
+    loss_type: str = "bnpo"          # grpo | bnpo | dr_grpo | dapo (TRL's; grpo.py's docstring)
     beta: float = 0.0                # KL(policy || reference) weight, k3 estimator; 0 disables
+    ref_sync_steps: int = 0          # every this many optimizer steps ref <- alpha policy + (1 - alpha) ref; 0: never
+    ref_mixup_alpha: float = 0.6     # that alpha (TRL's ref_model_mixup_alpha; 1: copy the policy)
+    skip_zero_variance_groups: bool = False  # DAPO dynamic sampling: groups whose rewards tie leave the loss
+    mask_after_eos: bool = False     # leave completion tokens after the first EOS out of the loss
     # the rollout law, a SamplingParams (SamplingParams.from_rl): checked there, once; the log-probs are always
     # those of the law sampled
     temperature: float = 1.0         # > 0 (0 would decode greedily: every rollout of a group alike)
@@ -48,7 +56,8 @@ class RLSection:
     alpha0: float | None = None      # Eso-LM rollout alpha0 (default: the policy's)
     steps: int | None = None         # diffusion steps T of the rollout schedule (default: completion length)
     mask_prompt: float = 0.15        # mean-field only: probability of masking each prompt token (d1)
-    scale_rewards: bool = True       # divide group advantages by the group's std (GRPO); False: Dr. GRPO
+    scale_rewards: str = "group"     # divide advantages by the group's std (GRPO) | batch (the batch's) | none
+    #                                  (true / false, as TRL takes them: group / none)
 
 
 @dataclass
@@ -58,6 +67,32 @@ class RLOptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    schedule: str = "constant"       # constant | cosine | linear (to min_lr_ratio * lr at the last step)
+    warmup_steps: int = 0            # linear warmup (optimizer steps)
+    min_lr_ratio: float = 0.0
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+RL_SCHEDULES = ("constant", "cosine", "linear")
+# keys renamed since earlier releases: a checkpoint's config is read with them translated; a user's config that
+# uses one gets a one-line error naming the new key
+RENAMED = {"inner_updates": "num_iterations", "clip_eps": "epsilon"}
+
+
+def upgrade_legacy(d: dict) -> dict:
+    """An RL config dict as saved by an earlier release, in today's keys: ``rl.inner_updates`` ->
+    ``rl.num_iterations``, ``rl.clip_eps`` -> ``rl.epsilon``, boolean ``rl.scale_rewards`` -> group / none."""
+    d = dict(d)
+    rl = dict(d.get("rl") or {})
+    for old, new in RENAMED.items():
+        if old in rl:
+            rl[new] = rl.pop(old)
+    if isinstance(rl.get("scale_rewards"), bool):
+        rl["scale_rewards"] = "group" if rl["scale_rewards"] else "none"
+    if "rl" in d:
+        d["rl"] = rl
+    return d
 
 
 def _rl_trainer() -> TrainerSection:
@@ -109,9 +144,18 @@ class RLConfig:
         req(r.group_size >= 2, f"rl.group_size must be at least 2 (advantages are relative to the group), "
                                f"got {r.group_size}")
         req(r.prompts_per_step >= 1, "rl.prompts_per_step must be positive")
-        req(r.inner_updates >= 1, "rl.inner_updates must be positive")
-        req(0.0 < r.clip_eps < 1.0, f"rl.clip_eps must be in (0, 1), got {r.clip_eps}")
-        req(r.beta >= 0.0, "rl.beta must be >= 0")
+        req(r.num_iterations >= 1, f"rl.num_iterations must be positive, got {r.num_iterations}")
+        req(0.0 < r.epsilon < 1.0, f"rl.epsilon must be in (0, 1), got {r.epsilon}")
+        req(r.epsilon_high is None or r.epsilon <= r.epsilon_high, f"rl.epsilon_high must be >= rl.epsilon "
+                                                                   f"({r.epsilon}), got {r.epsilon_high}")
+        req(r.loss_type in LOSS_TYPES, f"rl.loss_type must be one of {', '.join(LOSS_TYPES)}, got {r.loss_type!r}")
+        req(r.scale_rewards in SCALE_REWARDS, f"rl.scale_rewards must be one of {', '.join(SCALE_REWARDS)}, "
+                                              f"got {r.scale_rewards!r}")
+        req(math.isfinite(r.beta) and r.beta >= 0.0, f"rl.beta must be >= 0, got {r.beta}")
+        req(r.ref_sync_steps >= 0, f"rl.ref_sync_steps must be >= 0 (0: never), got {r.ref_sync_steps}")
+        req(0.0 < r.ref_mixup_alpha <= 1.0, f"rl.ref_mixup_alpha must be in (0, 1], got {r.ref_mixup_alpha}")
+        req(r.ref_sync_steps == 0 or r.beta > 0, "rl.ref_sync_steps needs rl.beta > 0 (without the KL term there "
+                                                 "is no reference policy to sync)")
         req(0.0 <= r.mask_prompt < 1.0, "rl.mask_prompt must be in [0, 1)")
         check_integer(t.eval_seed, "task.eval_seed", 0, MAX_SEED)
         try:
@@ -124,6 +168,10 @@ class RLConfig:
         req(o.lr > 0, "optim.lr must be positive")
         req(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas invalid: {o.betas}")
         req(o.grad_clip >= 0, "optim.grad_clip must be >= 0")
+        req(o.schedule in RL_SCHEDULES, f"optim.schedule must be one of {', '.join(RL_SCHEDULES)}, "
+                                        f"got {o.schedule!r}")
+        req(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+        req(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
         for k in ("devices", "num_nodes", "max_steps", "log_every"):
             req(getattr(tr, k) > 0, f"trainer.{k} must be positive, got {getattr(tr, k)}")
         req(tr.ckpt_every >= 0, "trainer.ckpt_every must be >= 0")
@@ -148,6 +196,10 @@ def apply_dict(cfg: RLConfig, d: dict) -> RLConfig:
                 raise ConfigError(f"config section '{key}' must be a mapping")
             for name, v in value.items():
                 _check_trainer_key(key, name)
+                if key == "rl" and name in RENAMED:
+                    raise ConfigError(f"rl.{name} is now rl.{RENAMED[name]} (TRL's name)")
+                if key == "rl" and name == "scale_rewards" and isinstance(v, bool):  # TRL's booleans
+                    v = "group" if v else "none"
                 set_field(getattr(cfg, key), name, v, f"{key}.{name}")
         else:
             raise ConfigError(f"unknown RL config section '{key}' (known: policy, {', '.join(SECTIONS)})")

@@ -25,8 +25,8 @@ from esolm.io import load_model
 from esolm.io.atomic import atomic_write
 from esolm.io.pretrained import LoadedModel, ModelNotFound, resolve_model, save_pretrained
 from esolm.recipes import parse_max_time
-from esolm.rl.config import RLConfig, apply_dict, check_eval_prompts
-from esolm.rl.grpo import LitGRPO, evaluate_prompts
+from esolm.rl.config import RLConfig, apply_dict, check_eval_prompts, upgrade_legacy
+from esolm.rl.grpo import LitGRPO, check_pass_at, evaluate_prompts
 from esolm.rl.prompts import PromptSource, encode_prompts, prompt_source
 from esolm.rl.rewards import DEFAULT_REWARD_TIMEOUT
 from esolm.rl.trajectory import check_likelihood, check_rollout_memory
@@ -98,7 +98,8 @@ def prepare_rl(cfg: RLConfig) -> PreparedRL:
         if not isinstance(old, dict) or "rl" not in old:
             raise ConfigError(f"{ckpt} is not an esolm RL checkpoint; use another trainer.out_dir")
         keep = {"trainer", "preset"}
-        now, then = cfg.to_dict(), apply_dict(RLConfig(), {k: v for k, v in old.items() if k != "trainer"}).to_dict()
+        old = upgrade_legacy({k: v for k, v in old.items() if k != "trainer"})  # keys renamed since: today's names
+        now, then = cfg.to_dict(), apply_dict(RLConfig(), old).to_dict()
         diff = sorted(k for k in now if k not in keep and now[k] != then[k])  # keys added since: their defaults
         if diff:
             raise ConfigError(f"cannot resume {ckpt} with a different config ({', '.join(diff)}); start a fresh "
@@ -136,7 +137,7 @@ def train_rl(cfg: RLConfig, prepared: PreparedRL | None = None) -> LitGRPO:
     if rl.beta > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     module = LitGRPO(cfg.to_dict(), policy, loaded.method.to_dict(), loaded.tokenizer, p.source, reference)
-    inner = rl.inner_updates
+    inner = rl.num_iterations
     cbs = [Checkpoints(dirpath=checkpoint_dir(t.out_dir), filename="step{step:08d}", auto_insert_metric_name=False,
                        every_n_train_steps=(t.ckpt_every * inner) or None, save_last=True,
                        save_top_k=-1 if t.keep_checkpoints == -1 else t.keep_checkpoints,
@@ -187,19 +188,23 @@ def train_rl(cfg: RLConfig, prepared: PreparedRL | None = None) -> LitGRPO:
 
 def evaluate_task(model_path: str, task: str | None = None, prompts: str | None = None, reward: str | None = None,
                   n: int = 200, params: SamplingParams | None = None, device=None, show: int = 0,
-                  reward_timeout: float = DEFAULT_REWARD_TIMEOUT) -> dict:
+                  reward_timeout: float = DEFAULT_REWARD_TIMEOUT, samples: int = 1, pass_at: int | None = None) -> dict:
     """Held-out accuracy of a model on a task (``esolm eval-task``): ``n`` prompts (at most
-    :data:`~esolm.rl.config.MAX_EVAL_PROMPTS`), one sample each at ``params`` (its seed fixes prompts and draws);
-    ``show`` of them (at most ``n``) with their completions under ``"examples"``. Every check runs before any
+    :data:`~esolm.rl.config.MAX_EVAL_PROMPTS`), ``samples`` samples each at ``params`` (its seed fixes prompts and
+    draws; temperature 0 decodes greedily), with ``pass_at`` k the unbiased pass@k (k <= ``samples``); ``show``
+    of them (at most ``n``) with their completions under ``"examples"``. Every check runs before any
     sampling."""
     n = check_eval_prompts(n, "the number of held-out prompts")
     if isinstance(show, bool) or not isinstance(show, int) or not 0 <= show <= n:
         raise UserError(f"show must be an integer in [0, {n}] (the prompts evaluated), got {show!r}")
+    samples, pass_at = check_pass_at(samples, pass_at)
     params = params or SamplingParams(seed=1234)
     loaded = load_policy(model_path, device)
     check_likelihood("mean-field", loaded.method)  # any diffusion model; AR refused with one line
     source = prompt_source(task, prompts, reward, reward_timeout)
     params = resolve_params(params, loaded)
     check_prompts(source, loaded)
-    check_rollout_memory(loaded.model.config, min(n, EVAL_BATCH), loaded.model.device, "an evaluation batch")
-    return evaluate_prompts(loaded.model, loaded.method, loaded.tokenizer, source, n, params, EVAL_BATCH, show)
+    rows = min(n, max(1, EVAL_BATCH // samples)) * samples
+    check_rollout_memory(loaded.model.config, rows, loaded.model.device, "an evaluation batch")
+    return evaluate_prompts(loaded.model, loaded.method, loaded.tokenizer, source, n, params, EVAL_BATCH, show,
+                            samples, pass_at)

@@ -48,12 +48,15 @@ def noise_generators(seed: int, k: int, rank: int, device=None) -> tuple[torch.G
 
 
 def lr_factor(step: int, warmup: int, schedule: str, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup`` steps, then constant or cosine decay to ``min_ratio`` at ``max_steps``."""
+    """Linear warmup over ``warmup`` steps, then constant, or cosine or linear decay to ``min_ratio`` at
+    ``max_steps``."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if schedule == "linear":
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
