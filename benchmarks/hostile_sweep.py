@@ -328,7 +328,7 @@ def cases(w: Path) -> list[Case]:
 def _task_files(w: Path) -> None:
     """Prompt, reward and config files for the rl / eval-task cases."""
     (w / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": f"{a}+{a}="}) for a in range(100, 108)) + "\n")
-    (w / "mask_prompts.jsonl").write_text(json.dumps({"prompt": "12<|mask|>3+<|endoftext|>="}) + "\n")
+    (w / "mask_prompts.jsonl").write_text(json.dumps({"prompt": "<|mask|>="}) + "\n")  # 10 chars with BOS
     (w / "surrogate_prompts.jsonl").write_text('{"prompt": "12\\ud800+1="}\n')
     (w / "bigint_prompts.jsonl").write_text('{"prompt": "1+1=", "x": ' + "9" * 5000 + "}\n")
     (w / "deep_prompts.jsonl").write_text('{"prompt": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
@@ -490,7 +490,7 @@ def new_surface_cases(w: Path) -> list[Case]:
                                        f"task.prompts={w / prompts}", f"task.reward={w / reward}"],
             pattern=pattern, limit=limit)
     cli("eval-task and rl", "rl on a binary YAML", ["rl", str(w / "binary.yaml")], pattern="yaml|utf|decode|read")
-    cli("eval-task and rl", "prompt file with <|mask|> and <|endoftext|> text", [
+    cli("eval-task and rl", "prompt file with <|mask|> text", [
         *custom, f"trainer.out_dir={w / 'rl' / 'mask'}", f"task.prompts={w / 'mask_prompts.jsonl'}",
         f"task.reward={w / 'r_ok.py'}:score"], expect="ok")
     cli("eval-task and rl", "prompts of different lengths", [
