@@ -30,10 +30,10 @@ def _run(tree: Path, args: list[str]) -> None:
     subprocess.run([sys.executable, *args], check=True, env=env, cwd=tree, stdout=subprocess.DEVNULL)
 
 
-def latency(tree: Path, length: int, repeats: int) -> dict[str, float]:
+def latency(tree: Path, length: int, repeats: int, methods: str = METHODS) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "lat.json"
-        _run(tree, ["-m", "esolm.cli", "bench", "latency", "--methods", METHODS, "--lengths", str(length),
+        _run(tree, ["-m", "esolm.cli", "bench", "latency", "--methods", methods, "--lengths", str(length),
                     "--threads", "1", "--repeats", str(repeats), "--json", str(out)])
         data = json.loads(out.read_text())
     return {r["method"]: r["seconds"] for r in data}
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=1, help="latency repeats per cell inside one round")
+    ap.add_argument("--methods", default=METHODS, help="bench latency's methods")
     ap.add_argument("--model", default="esolm-small", help="engine_throughput's model")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
@@ -65,7 +66,7 @@ def main() -> None:
     for r in range(args.rounds):
         order = list(trees) if r % 2 == 0 else list(reversed(trees))
         for name in order:
-            t = {**latency(trees[name], args.length, args.repeats),
+            t = {**latency(trees[name], args.length, args.repeats, args.methods),
                  **engine(trees[name], args.model, args.requests, args.batch)}
             runs.append({"round": r, "tree": name, "seconds": t})
             for k, v in t.items():
