@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import smollm2_gguf_or_skip
 from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io import llama as llama_io
 from esolm.likelihood import anyorder_loglik, order_token_logprobs
@@ -378,15 +379,7 @@ def test_from_hf_model_copies_the_weights(hf_folder):
 
 
 def _smollm2_gguf():
-    from esolm.evaluation.metrics import MetricUnavailable, smollm2_gguf_path
-
-    missing = llama_io.missing_gguf_packages()
-    if missing:
-        pytest.skip(f"the GGUF loader needs {', '.join(missing)} (make judge)")
-    try:
-        return smollm2_gguf_path()
-    except MetricUnavailable as e:
-        pytest.skip(str(e))
+    return smollm2_gguf_or_skip("the GGUF loader")
 
 
 def test_smollm2_gguf_logits_equal_transformers():

