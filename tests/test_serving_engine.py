@@ -398,13 +398,14 @@ def test_draw_segments_is_draw_per_segment(dtype):
         assert not (got == 7).any()
 
 
-def tiny_llama(dtype: torch.dtype = torch.float64):
-    """A random Llama-family backbone (grouped KV heads, no time conditioning) with the same vocabulary."""
+def tiny_llama(dtype: torch.dtype = torch.float64, shifted: bool = False):
+    """A random Llama-family backbone (grouped KV heads, no time conditioning) with the same vocabulary; queried
+    with the DiT's convention unless ``shifted``."""
     from esolm.model.llama import EsoLlama, EsoLlamaConfig
 
     torch.manual_seed(0)
     cfg = EsoLlamaConfig(base_vocab_size=M, hidden_size=32, intermediate_size=48, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=8, length=L)
+                         head_dim=8, length=L, shifted=shifted)
     model = EsoLlama(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -426,3 +427,19 @@ def test_llama_backbone_batched_equals_generate_alone(method):
     reqs = staggered(engine, col, mix, [2, 2])
     assert len(col.finished) == len(reqs)
     assert_alone(engine, col, reqs)
+
+
+def test_shifted_llama_esolm_runs_whole_requests_with_generates_tokens():
+    """Eso-LM (B) on a network under the shifted query convention is decoded request by request through generate
+    (its query rows are not the batched engine's one-row steps), with generate's tokens; AR on it stays batched.
+    A request with no prompt starts from the BOS (position 0 is the given start token)."""
+    model = tiny_llama(shifted=True)
+    engine = Engine(model, ESOLM_B, max_batch=3, bos_id=0)
+    assert not engine.batched and Engine(model, AR, max_batch=3, bos_id=0).batched
+    col = Collector()
+    mix = [r for r in ESOLM_MIX if r.prompt_ids][:3] + [R([], 9, seed=7, alpha0=0.5, steps=3)]
+    reqs = staggered(engine, col, mix, [2, 2])
+    assert len(col.finished) == len(reqs)
+    for rid, req in reqs.items():
+        ref, p = reference(engine, req)
+        assert col.finished[rid].error is None and col.finished[rid].tokens == ref.tokens[0, p:].tolist()

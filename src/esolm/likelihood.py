@@ -25,6 +25,7 @@ import torch
 from esolm.errors import UserError
 from esolm.methods import Method, as_method, require_any_order
 from esolm.model import masks
+from esolm.model.shift import check_start, is_shifted, query_logits, start_first
 from esolm.objectives import LossOutput, Objective, build_objective, causal_logits, hide_padding, token_nll
 from esolm.orders import sample_orders
 
@@ -105,6 +106,10 @@ def _order_logits(model, x0: Tensor, order: Tensor, valid: Tensor | None) -> tup
     conditional (mask logit as the network gives it), the tokens in order, and the valid steps (or None)."""
     n = x0.shape[1]
     x_s = x0.gather(1, order)
+    if is_shifted(model):  # queries at p - 1; position 0 (first) is the given start token
+        check_start(order)
+        vs = None if valid is None else valid.bool().gather(1, order)
+        return query_logits(model, x_s, order, torch.arange(n, device=x0.device)[None], vs), x_s, vs
     inp = torch.cat([torch.full_like(x_s, model.config.mask_id), x_s], 1)
     attn = masks.sequential(n, x0.device)
     vs = None
@@ -131,10 +136,15 @@ def order_token_logprobs(model, x0: Tensor, order: Tensor, valid: Tensor | None 
     ll = -token_nll(logits, x_s, mask_id).double()
     if vs is not None:
         ll = ll * vs
+    shifted = is_shifted(model)
+    if shifted:  # the start token: nothing predicts it (as for AR)
+        ll[:, 0] = 0.0
     if not with_greedy:
         return ll
-    best = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf")).argmax(-1)
-    return ll, best == x_s
+    best = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf")).argmax(-1) == x_s
+    if shifted:
+        best[:, 0] = True
+    return ll, best
 
 
 def _require_exact(method: Method | dict) -> Method:
@@ -224,5 +234,7 @@ def iw_bound(model, x0: Tensor, K: int, alpha0: float, generator: torch.Generato
         idx = r % b
         vb = None if valid is None else valid.bool()[idx]
         order = sample_orders(len(r), n, alpha0, generator, vb, device=x0.device)
+        if is_shifted(model):
+            order = start_first(order)
         ll[start:start + len(r)] = anyorder_loglik(model, x0[idx], order, vb)
     return -log_mean_exp(ll.view(K, b), 0)

@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from esolm.errors import UserError
+from esolm.errors import ConfigError, UserError
 from esolm.methods import AR, BD3LM, MDLM, EsoLM, Method, as_method
 from esolm.model import masks
 from esolm.model.backbone import at_least_fp32
+from esolm.model.shift import is_shifted, query_logits, start_first
 from esolm.noise import EPS, LogLinearSchedule, antithetic_times, uniform
 from esolm.orders import sort_clean_first
 
@@ -138,6 +139,14 @@ def _count(x0: Tensor, valid: Tensor | None) -> Tensor:
     if valid is None:
         return torch.tensor(x0.numel(), device=x0.device)
     return valid.sum()
+
+
+def _scored(model, x0: Tensor, valid: Tensor | None) -> Tensor:
+    """Tokens a diffusion term scores: every valid one, but position 0 under the shifted query convention (the
+    given start token, as for AR)."""
+    if is_shifted(model):
+        return _count(x0[:, 1:], None if valid is None else valid[:, 1:])
+    return _count(x0, valid)
 
 
 def _mask_id(model) -> int:
@@ -249,6 +258,14 @@ def _mdm_draw(model, x0: Tensor, valid: Tensor | None, maskable: Tensor | None, 
     is_mask = uniform((b, n), generator, x0.device) < schedule.mask_prob(t)[:, None]
     if maskable is not None:
         is_mask &= maskable
+    if is_shifted(model):  # queries at p - 1 (esolm.model.shift); position 0 is the given start token
+        if attention != "causal":
+            raise ConfigError(f"the shifted query convention needs causal any-order attention, not {attention!r}")
+        is_mask[:, 0] = False
+        sort_idx = start_first(sort_clean_first(is_mask, generator))
+        vs = None if valid is None else valid.gather(1, sort_idx)
+        logits = query_logits(model, x0.gather(1, sort_idx), sort_idx, (~is_mask).sum(1)[:, None], vs)
+        return token_nll(logits, x0.gather(1, sort_idx), mask_id) * is_mask.gather(1, sort_idx), t
     xt = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
     if attention == "bidirectional":
         logits = model(xt, mask=hide_padding(None, valid) if valid is not None else None)
@@ -274,7 +291,7 @@ def mdm_term(model, x0: Tensor, valid: Tensor | None, generator, rank: int, worl
     times = generator if time_generator is None else time_generator
     nll, t = _mdm_draw(model, x0, valid, valid, generator, times, rank, world_size, schedule, attention)
     coef = torch.ones_like(t) if low_var else -schedule.weight(t)  # -(alpha'/(1-alpha)) >= 0
-    return (nll * coef[:, None]).sum(), _count(x0, valid)
+    return (nll * coef[:, None]).sum(), _scored(model, x0, valid)
 
 
 def mdm_rows(model, x0: Tensor, valid: Tensor | None, maskable: Tensor, generator, times,
@@ -292,6 +309,15 @@ def _sequential_draw(model, x0: Tensor, valid: Tensor | None, maskable: Tensor |
     is_mask = uniform((b, n), generator, x0.device) < (1.0 - alpha0)
     if maskable is not None:
         is_mask &= maskable
+    if is_shifted(model):
+        if not any_order:
+            raise ConfigError("the shifted query convention needs causal any-order attention (Eso-LM (B))")
+        is_mask[:, 0] = False
+        sort_idx = start_first(sort_clean_first(is_mask, generator, shuffle_clean=True, shuffle_masks=False))
+        x_s = x0.gather(1, sort_idx)
+        vs = None if valid is None else valid.gather(1, sort_idx)
+        logits = query_logits(model, x_s, sort_idx, torch.arange(n, device=x0.device)[None], vs)
+        return token_nll(logits, x_s, mask_id) * is_mask.gather(1, sort_idx)
     z0 = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
     sort_idx = sort_clean_first(is_mask, generator, shuffle_clean=any_order, shuffle_masks=False)
     if any_order:
@@ -311,7 +337,7 @@ def sequential_term(model, x0: Tensor, valid: Tensor | None, generator, alpha0: 
                     any_order: bool) -> tuple[Tensor, Tensor]:
     """Eso-LM's AR term: ``z0 ~ q0`` (mask w.p. 1 - alpha0); order = clean z0 tokens first (random for
     B, ``any_order``; ascending for A), then the masks left to right; one 2L pass ``[z0_sorted ; x0_sorted]``."""
-    return _sequential_draw(model, x0, valid, valid, generator, alpha0, any_order).sum(), _count(x0, valid)
+    return _sequential_draw(model, x0, valid, valid, generator, alpha0, any_order).sum(), _scored(model, x0, valid)
 
 
 def sequential_rows(model, x0: Tensor, valid: Tensor | None, maskable: Tensor, generator, alpha0: float,
@@ -358,6 +384,8 @@ class EsoLMObjective(Objective):
     def conditional(self, model, x0, valid, maskable, generator, times) -> Tensor:
         """Both terms on every row: the diffusion term at the model's alpha0, then the sequential term."""
         m = self.method
+        if is_shifted(model) and bool(maskable[:, 0].any()):
+            raise UserError("this model cannot score position 0 (it is the given start token)")
         diffusion = mdm_rows(model, x0, valid, maskable, generator, times, LogLinearSchedule(m.alpha0),
                              m.diffusion_attention)
         return diffusion + sequential_rows(model, x0, valid, maskable, generator, m.alpha0, m.any_order)

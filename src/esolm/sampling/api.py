@@ -32,6 +32,7 @@ import torch
 
 from esolm.errors import UserError
 from esolm.methods import Method, as_method
+from esolm.model.shift import is_shifted
 from esolm.sampling.common import Step, StepCallback
 from esolm.sampling.decoders import Decoder, decoder_for
 from esolm.sampling.params import SamplingParams, check_integer
@@ -186,13 +187,19 @@ def prepare(model, method: Method | dict, params: SamplingParams, *, num_samples
             raise UserError(f"{what} {i} is the mask id")
     if not method.is_diffusion and infill is not None:
         raise UserError("infilling needs a diffusion model; an AR model only takes a prompt")
-    if method.needs_start_token and (prompt_ids is None or _as_rows(prompt_ids, "prompt_ids").shape[1] == 0):
+    if needs_start_token(method, model) and (prompt_ids is None or _as_rows(prompt_ids, "prompt_ids").shape[1] == 0):
         start = bos_id if bos_id is not None else eos_id
         if start is None:
             raise UserError(f"{method.label} decoding needs prompt_ids or a bos_id (or eos_id) to start from")
         prompt_ids = [int(start)]
     x, prompt_len = _initial_tokens(length, cfg.vocab_size, cfg.mask_id, prompt_ids, infill, num_samples)
     return Request(method, decoder_for(method), params, length, x, prompt_len, batch_size or x.shape[0])
+
+
+def needs_start_token(method: Method, model) -> bool:
+    """Whether decoding must start from a given token: the method's own need (AR), or a network that reads the
+    token before each position (the shifted query convention, :mod:`esolm.model.shift`)."""
+    return as_method(method).needs_start_token or is_shifted(model)
 
 
 def free_positions(x: Tensor, mask_id: int | None, prompt_len: int) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from esolm.errors import UserError
 from esolm.model import masks
+from esolm.model.shift import check_start, is_shifted, predecessors, step_inputs
 from esolm.sampling.common import SampleResult, Step, StepCallback, Stopwatch
 from esolm.sampling.draw import draw
 from esolm.sampling.schedule import Plan
@@ -64,6 +65,9 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
     same plan without the cache (each step a causal pass over every sorted token up to the step's last
     mask): the same logits, for comparisons.
     """
+    if is_shifted(model):
+        return _sample_b_shifted(model, x, plan, top_p=top_p, generator=generator, greedy=greedy,
+                                 temperature=temperature, trace=trace, step_callback=step_callback, use_cache=use_cache)
     mask_id = model.config.mask_id
     tokens, order = _prepare(model, x, plan)
     length = tokens.shape[1]
@@ -81,6 +85,39 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
                                commit=lo - start, cond=cond, logits_slice=slice(lo - start, None))
             else:
                 logits = model(tokens[:, :hi], order[:, :hi], mask=causal[:, :, :hi, :hi], cond=cond)[:, lo:]
+            if step_callback is not None:
+                step_callback(k, lo, hi, logits, tokens)
+            tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy, temperature)
+            if steps is not None:
+                steps.append(Step(k, plan.phase(lo), order[:, lo:hi]))
+            start = lo
+    return _finish(tokens, order, plan.nfe, sw, steps)
+
+
+def _sample_b_shifted(model, x: Tensor, plan: Plan, *, top_p, generator, greedy, temperature, trace, step_callback,
+                      use_cache: bool) -> SampleResult:
+    """Eso-LM (B) under the shifted query convention (:mod:`esolm.model.shift`): each call feeds the clean tokens
+    not yet cached (committed) and one query row per target; a one-token step whose predecessor is the token just
+    decoded feeds that token alone and reads its logits (a cached AR step). Position 0 must be given."""
+    mask_id = model.config.mask_id
+    tokens, order = _prepare(model, x, plan)
+    if plan.n_given < 1:
+        raise UserError("this model reads the token before each position: position 0 must be given (a start token)")
+    check_start(order, "the plan's order")
+    length = tokens.shape[1]
+    prev = predecessors(order)
+    cache = model.new_cache(length)
+    steps = [] if trace else None
+    start = 0  # first sorted index not yet in the cache
+    with Stopwatch(model.device) as sw:
+        for k, (lo, hi) in enumerate(plan.bounds()):
+            if use_cache and hi - lo == 1 and start == lo - 1 and bool((prev[:, lo] == lo - 1).all()):
+                logits = model(tokens[:, start:lo], order[:, start:lo], cache=cache, commit=1)
+            else:
+                first = start if use_cache else 0
+                ids, pos, mask = step_inputs(tokens, order, prev, first, lo, hi, mask_id)
+                logits = model(ids, pos, mask=mask, cache=cache if use_cache else None, commit=lo - first,
+                               logits_slice=slice(lo - first, None))
             if step_callback is not None:
                 step_callback(k, lo, hi, logits, tokens)
             tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy, temperature)

@@ -28,6 +28,7 @@ position it has not decoded (those are EOS after ``generate``'s cut anyway).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ import torch
 
 from esolm.errors import UserError
 from esolm.model import masks
+from esolm.model.shift import check_start, is_shifted, predecessors, slot_mask
 from esolm.sampling.common import DIFFUSION, SEQUENTIAL, SampleResult, Step, Stopwatch
 from esolm.sampling.draw import gumbel_noise, mask_logit, sampling_logits
 from esolm.sampling.params import DEFAULT_DRAFT, check_integer
@@ -130,6 +132,71 @@ def _call(model, cond, cache: SlotCache, tokens: Tensor, order: Tensor, committe
     return logits[:, :k], logits[:, k:], pend_idx, pend_ok
 
 
+def _call_shifted(model, cond, cache: SlotCache, tokens: Tensor, order: Tensor, committed: Tensor,
+                  pending_end: Tensor, drafts: Tensor, n_draft: Tensor, chain: Tensor, mask_id: int, *, prev: Tensor):
+    """:func:`_call` under the shifted query convention (:mod:`esolm.model.shift`), the same results.
+
+    The query for sorted index ``s`` reads the token at ``prev[s]`` (the position before) at that position. A
+    verify target ``s`` sees everything sorted before it, a chain target everything clean (the drafts included).
+    When every verify target and the chain head have their predecessor just before them (``prev[s] = s - 1``: left
+    to right), each such query *is* the clean row before it, so the call feeds ``[pending ; drafts ; the chain
+    beyond its head]`` and reads the verify and head logits from the clean rows (an AR model's speculative
+    verification). Otherwise it feeds one query row per target, as the general convention says."""
+    b, length = tokens.shape
+    device = tokens.device
+    n_pend = int((pending_end - committed).max())
+    k, m = drafts.shape[1], int(chain.max())
+    ar_k, ar_m = torch.arange(k, device=device), torch.arange(m, device=device)
+    pend_idx = committed[:, None] + torch.arange(n_pend, device=device)
+    pend_ok = pend_idx < pending_end[:, None]
+    draft_idx = pending_end[:, None] + ar_k
+    draft_ok = ar_k < n_draft[:, None]
+    head = pending_end + n_draft  # c0: first chain target
+    chain_idx = head[:, None] + ar_m
+    chain_ok = (ar_m < chain[:, None]) & (chain_idx < length)
+    ctx = tokens.clone()  # the clean context of this call: finalised tokens and the drafts
+    r, i = draft_ok.nonzero(as_tuple=True)
+    ctx[r, draft_idx[r, i]] = drafts[r, i]
+    safe = lambda idx: idx.clamp(max=length - 1)  # noqa: E731
+
+    def prev_of(idx: Tensor) -> Tensor:
+        return prev.gather(1, safe(idx))
+
+    clean_idx, clean_ok = torch.cat([pend_idx, draft_idx], 1), torch.cat([pend_ok, draft_ok], 1)
+    verify_ok = draft_ok
+    targets_ok = torch.cat([verify_ok, chain_ok[:, :1]], 1)
+    targets = torch.cat([draft_idx, chain_idx[:, :1]], 1)
+    dedupe = m > 0 and bool(((prev_of(targets) == targets - 1) | ~targets_ok).all())
+    if dedupe:  # [pending ; drafts ; chain beyond its head]
+        q_idx, q_ok = chain_idx[:, 1:], chain_ok[:, 1:]
+        q_lo = head[:, None].expand_as(q_idx)
+    else:  # [pending ; drafts ; verify queries ; chain queries]
+        q_idx, q_ok = torch.cat([draft_idx, chain_idx], 1), torch.cat([verify_ok, chain_ok], 1)
+        q_lo = torch.minimum(q_idx, head[:, None])
+    q_prev = prev_of(q_idx)
+    q_ids = torch.where((q_prev >= 0) & (q_prev < q_lo), ctx.gather(1, q_prev.clamp_min(0)), mask_id)
+    ids = torch.cat([ctx.gather(1, safe(clean_idx)), q_ids], 1)
+    pos = torch.cat([order.gather(1, safe(clean_idx)), (order.gather(1, safe(q_idx)) - 1).clamp_min(0)], 1)
+    key_idx = torch.cat([clean_idx, q_idx], 1)
+    key_clean = torch.cat([clean_ok, torch.zeros_like(q_ok)], 1)
+    lo = torch.cat([clean_idx, q_lo], 1)
+    excl = torch.cat([torch.full_like(clean_idx, -1), torch.where(q_ok, q_prev, -1)], 1)
+    mask = slot_mask(committed, key_idx, key_clean, lo, excl, length)
+    logits = model(ids, pos, mask=mask, cache=cache, cond=cond)
+    n_clean = n_pend + k
+    if not dedupe:
+        return logits[:, n_clean:n_clean + k], logits[:, n_clean + k:], pend_idx, pend_ok
+    # the clean row before sorted index s: the last pending token (s = pending_end) or draft s - pending_end - 1
+    def row_before(s: Tensor) -> Tensor:
+        return torch.where(s > pending_end[:, None], n_pend + (s - pending_end[:, None] - 1),
+                           (pending_end - 1 - committed)[:, None])
+
+    rows_v = row_before(draft_idx).clamp(0, logits.shape[1] - 1)
+    rows_h = row_before(head[:, None]).clamp(0, logits.shape[1] - 1)
+    pick = lambda rows: logits.gather(1, rows[..., None].expand(-1, -1, logits.shape[-1]))  # noqa: E731
+    return pick(rows_v), torch.cat([pick(rows_h), logits[:, n_clean:]], 1), pend_idx, pend_ok
+
+
 def _keep(cache: SlotCache, pend_idx: Tensor, pend_ok: Tensor, draft_start: Tensor, n_kept: Tensor, k: int) -> None:
     """Cache the valid pending tokens and the first ``n_kept`` drafts of each row."""
     device = pend_idx.device
@@ -179,6 +246,13 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
         n_par -= 1
 
     cache = SlotCache(model.config.n_layers, length)
+    call = _call
+    if is_shifted(model):
+        if plan.n_given < 1:
+            raise UserError("this model reads the token before each position: position 0 must be given "
+                            "(a start token)")
+        check_start(order, "the plan's order")
+        call = functools.partial(_call_shifted, prev=predecessors(order))
     committed = torch.zeros(b, dtype=torch.long, device=device)
     final = torch.full((b,), plan.n_given, dtype=torch.long, device=device)
     drafts = tokens.new_zeros(b, 0)
@@ -202,7 +276,7 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
     with Stopwatch(device) as sw:
         cond = model.frozen_conditioning(b)
         for lo, hi in bounds[:n_par]:  # diffusion steps: every row in lockstep
-            _, logits, pend_idx, pend_ok = _call(model, cond, cache, tokens, order, committed, final, drafts,
+            _, logits, pend_idx, pend_ok = call(model, cond, cache, tokens, order, committed, final, drafts,
                                                  n_draft, torch.full_like(final, hi - lo), mask_id)
             tokens[:, lo:hi] = _sample(_law(logits, mask_id, top_p, greedy, temperature), generator)
             _keep(cache, pend_idx, pend_ok, final, n_draft, 0)
@@ -218,7 +292,7 @@ def sample_speculative(model, x: Tensor, plan: Plan, *, k: int = DEFAULT_DRAFT, 
             end = torch.where(active, final, committed)
             tried = n_draft > 0  # rows with drafts: the chain is used only if all are accepted, so grow it now
             m = torch.where(tried, (klen + 1).clamp(max=k_max), klen) if adaptive else klen
-            v_logits, c_logits, pend_idx, pend_ok = _call(model, cond, cache, tokens, order, committed, end,
+            v_logits, c_logits, pend_idx, pend_ok = call(model, cond, cache, tokens, order, committed, end,
                                                           drafts, n_draft, torch.where(active, m, 0), mask_id)
             nfe += 1
             # verify the drafts left to right

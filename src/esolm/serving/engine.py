@@ -66,7 +66,8 @@ from esolm.likelihood import exact_logits
 from esolm.methods import as_method
 from esolm.model import masks
 from esolm.model.backbone import FrozenConditioning
-from esolm.sampling.api import cut_at_eos, free_positions, generate, prepare
+from esolm.model.shift import is_shifted
+from esolm.sampling.api import cut_at_eos, free_positions, generate, needs_start_token, prepare
 from esolm.sampling.common import DIFFUSION, SEQUENTIAL
 from esolm.sampling.decoders import decoder_for
 from esolm.sampling.draw import draw_segments, sampling_logits
@@ -290,7 +291,9 @@ class Engine:
         self.eos_id, self.bos_id = eos_id, bos_id
         self.step_observer = step_observer
         self.decoder = decoder_for(self.method)
-        self.batched = self.method.batchable
+        # a diffusion method on a network under the shifted query convention decodes whole requests through
+        # generate (its query rows are not the engine's one-row-per-slot steps); AR is the same on any network
+        self.batched = self.method.batchable and not (self.method.is_diffusion and is_shifted(self.model))
 
         self._cv = threading.Condition(threading.Lock())
         self._step_lock = threading.Lock()
@@ -346,7 +349,7 @@ class Engine:
                 raise UserError(f"logprobs of sampled tokens need an Eso-LM (B) or AR model, whose engine records "
                                 f"each token's law as it draws it; {self.method.label} is decoded by generate")
         max_tokens = check_integer(req.max_tokens, "max_tokens", 1, cfg.length)
-        if not prompt and self.method.needs_start_token:
+        if not prompt and needs_start_token(self.method, self.model):
             start = self.bos_id if self.bos_id is not None else self.eos_id
             if start is None:
                 raise UserError(f"{self.method.label} needs a prompt (this engine has no bos_id or eos_id)")
