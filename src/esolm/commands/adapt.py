@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import argparse
 
-from esolm.commands._args import float_in, int_at_least, positive_float, positive_int, text
+from esolm.commands._args import float_in, int_at_least, open_fraction, positive_float, positive_int, text
 
 # flag (argparse dest) -> config key; a flag left out keeps the recipe's (or the default) value
 FLAG_KEYS = {
     "base": "adapt.base", "train": "adapt.train", "lora_rank": "adapt.lora_rank", "lora_alpha": "adapt.lora_alpha",
     "lora_gate": "adapt.lora_gate", "alpha0": "adapt.alpha0", "alpha0_curriculum": "adapt.alpha0_curriculum",
     "data": "data.source", "length": "data.length", "max_documents": "data.max_documents",
+    "val_fraction": "data.val_fraction",
     "cache_dir": "data.cache_dir", "lr": "optim.lr", "warmup": "optim.warmup_steps",
     "out": "trainer.out_dir", "batch": "trainer.global_batch", "micro_batch": "trainer.micro_batch",
     "steps": "trainer.max_steps", "max_time": "trainer.max_time", "seed": "trainer.seed",
     "resume": "trainer.resume", "logger": "trainer.logger", "progress": "trainer.progress",
-    "val_every": "trainer.val_every", "ckpt_every": "trainer.ckpt_every", "precision": "trainer.precision",
+    "val_every": "trainer.val_every", "val_batches": "trainer.val_batches", "ckpt_every": "trainer.ckpt_every",
+    "precision": "trainer.precision",
     "accelerator": "trainer.accelerator",
 }
 
@@ -58,6 +60,7 @@ def add_arguments(parser) -> None:
     a("--data", type=text, metavar="SOURCE", help="training text, as data.source of esolm train (default wiki)")
     a("--length", type=int_at_least(3), help="tokens per packed sequence (default 128)")
     a("--max-documents", type=positive_int, help="use at most this many documents of the source")
+    a("--val-fraction", type=open_fraction, help="fraction of the documents held out for validation (default 0.02)")
     a("--cache-dir", type=text, help="tokenised-data cache folder")
     a("--batch", type=positive_int, help="sequences per optimizer step (default 32)")
     a("--micro-batch", type=positive_int, help="sequences per forward pass (default --batch; gradients accumulate)")
@@ -71,6 +74,7 @@ def add_arguments(parser) -> None:
     a("--logger", choices=("csv", "tensorboard", "none"), help="training logs in OUT (default csv)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default on)")
     a("--val-every", type=int_at_least(0), help="validate every N steps (0: only at the end; default 100)")
+    a("--val-batches", type=positive_int, help="validate on at most this many micro-batches (default: all)")
     a("--ckpt-every", type=int_at_least(0), help="checkpoint every N steps (0: only at the end; default 100)")
     a("--precision", choices=PRECISIONS, help="Lightning precision (default 32-true)")
     a("--accelerator", choices=ACCELERATORS, help="cpu, gpu, ... (default auto)")
