@@ -196,6 +196,12 @@ def test_bad_flags_and_bases_are_one_line_before_any_work(base, cache, tmp_path,
         assert len(lines) == 1 and lines[0].startswith("esolm adapt: error:"), (extra, err)
         assert re.search(match, lines[0]), (extra, lines[0])
     assert not (tmp_path / "out" / "checkpoints" / "last.ckpt").exists()
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(llama_io, "missing_gguf_packages", lambda: ["gguf"])
+    assert main(flags(base, cache, tmp_path / "out", "--base", str(gguf))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "reading a GGUF base needs gguf (not installed): make judge" in err
 
 
 def test_resume_with_other_flags_is_refused_before_training(base, cache, tmp_path, capsys):
