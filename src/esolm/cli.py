@@ -18,6 +18,7 @@ from esolm.errors import EsoLMError, one_line
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("esolm.commands.train", "train a model from a preset with key=value overrides"),
+    "adapt": ("esolm.commands.adapt", "fine-tune a pretrained Llama (SmolLM2-135M) into an Eso-LM (B)"),
     "export": ("esolm.commands.export", "export a training checkpoint to a from_pretrained folder"),
     "eval": ("esolm.commands.eval", "NELBO / importance-weighted perplexity of a model"),
     "sample": ("esolm.commands.sample", "generate samples (KV-cached Eso-LM sampler and baselines)"),

@@ -87,9 +87,15 @@ class LitEsoLM(pl.LightningModule):
                  tokenizer_meta: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer_json"])
-        self.cfg = RunConfig.from_dict(config)
+        cfg = RunConfig.from_dict(config)
+        self._setup(cfg, DiT(cfg.model_config(vocab_size, mask_id)), tokenizer_json, tokenizer_meta)
+
+    def _setup(self, cfg: RunConfig, model: torch.nn.Module, tokenizer_json: str, tokenizer_meta: dict | None) -> None:
+        """The run's state around a built ``model`` (shared with :class:`esolm.training.adapt.LitAdapt`, whose
+        network is a pretrained Llama)."""
+        self.cfg = cfg
         self.method = self.cfg.method_spec()
-        self.model = DiT(self.cfg.model_config(vocab_size, mask_id))
+        self.model = model
         self.objective = build_objective(self.method)
         self.tokenizer_json, self.tokenizer_meta = tokenizer_json, tokenizer_meta or {}
         self.consumed = 0            # micro-batches consumed (= position in the training stream)
@@ -103,8 +109,12 @@ class LitEsoLM(pl.LightningModule):
     def micro_batch_loss(self, batch: dict, k: int, rank: int, world_size: int) -> LossOutput:
         """The objective on training micro-batch ``k`` as rank ``rank`` of ``world_size`` draws it."""
         times, noise = noise_generators(self.cfg.trainer.seed, k, rank, self.device)
-        return self.objective(self.model, batch["input_ids"], batch["valid"], generator=noise,
-                              time_generator=times, rank=rank, world_size=world_size)
+        return self.training_objective(k)(self.model, batch["input_ids"], batch["valid"], generator=noise,
+                                          time_generator=times, rank=rank, world_size=world_size)
+
+    def training_objective(self, k: int):
+        """The objective of training micro-batch ``k`` (the method's; ``esolm adapt`` may ramp its alpha0)."""
+        return self.objective
 
     def training_step(self, batch, batch_idx):
         k = self.consumed
@@ -135,7 +145,7 @@ class LitEsoLM(pl.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimizer step, then a check that every weight is still finite (identical on all ranks)."""
         super().optimizer_step(*args, **kwargs)
-        params = dict(self.model.named_parameters())
+        params = dict(self.trained_parameters())
         if bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all()):
             return
         bad = [name for name, p in params.items() if not bool(torch.isfinite(p).all())]
@@ -164,6 +174,10 @@ class LitEsoLM(pl.LightningModule):
             self._write_trace({"step": self.global_step, "consumed": self.consumed, "loss": loss,
                                "params": self.param_fingerprint(), "batch_sum": self._batch_sum})
         self._batch_sum = 0
+
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of every weight the optimizer updates (all of a DiT's; a frozen base's are left out)."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def param_fingerprint(self) -> str:
         h = hashlib.sha1()
@@ -210,7 +224,7 @@ class LitEsoLM(pl.LightningModule):
     # optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):
         o, t = self.cfg.optim, self.cfg.trainer
-        opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+        opt = torch.optim.AdamW([p for _, p in self.trained_parameters()], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
 
         def factor(step: int) -> float:

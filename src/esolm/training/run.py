@@ -134,21 +134,25 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_changes(ckpt_path: str, cfg: RunConfig) -> dict[str, tuple]:
-    """The config keys that differ from the checkpoint's, all in :data:`RESUME_MAY_CHANGE` (else ConfigError)."""
+def resume_changes(ckpt_path: str, cfg: RunConfig, *, may_change: frozenset[str] = RESUME_MAY_CHANGE,
+                   what: str = "an esolm training checkpoint",
+                   fresh: str = "trainer.resume=null or another trainer.out_dir") -> dict[str, tuple]:
+    """The config keys that differ from the checkpoint's, all in ``may_change`` (else ConfigError).
+
+    ``cfg`` is any config with ``to_dict`` and a ``from_dict`` class method (:class:`RunConfig`, or
+    :class:`esolm.training.adapt.AdaptConfig` with ``what``/``fresh`` naming its own kind and flags)."""
     ckpt = read_checkpoint(ckpt_path)
     try:
-        old = RunConfig.from_dict(ckpt["hyper_parameters"]["config"])
+        old = type(cfg).from_dict(ckpt["hyper_parameters"]["config"])
         int(ckpt["esolm"]["consumed"])
     except (KeyError, TypeError, ConfigError):
-        raise CheckpointError(f"{ckpt_path} is not an esolm training checkpoint") from None
+        raise CheckpointError(f"{ckpt_path} is not {what}") from None
     a, b = _flat(old.to_dict()), _flat(cfg.to_dict())
     changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-    refused = [f"{k}: {o!r} -> {n!r}" for k, (o, n) in changed.items() if k not in RESUME_MAY_CHANGE]
+    refused = [f"{k}: {o!r} -> {n!r}" for k, (o, n) in changed.items() if k not in may_change]
     if refused:
         raise ConfigError(f"cannot resume from {ckpt_path} with a different config ({', '.join(refused)}); "
-                          f"drop these overrides, or start a fresh run (trainer.resume=null or another "
-                          f"trainer.out_dir)")
+                          f"drop these overrides, or start a fresh run ({fresh})")
     return changed
 
 
@@ -216,39 +220,38 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = ()) -> pl.Trainer:
     )
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     try:
         atomic_write(path, text)
     except OSError as e:
         raise UserError(f"could not write {path} ({e.strerror or e})") from None
 
 
-def train(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepared | None = None) -> LitEsoLM:
-    """Train (or resume) a run, then validate once more (EMA weights) and write ``OUT/final_metrics.json``.
-
-    Returns the module (raw weights; the EMA weights are in the checkpoints). Ctrl-C stops training with
+def fit(cfg: RunConfig, module: LitEsoLM, splits: DataSplits, ckpt_path: str | None,
+        changes: dict[str, tuple] | None = None, callbacks: list | tuple = (), config_yaml: str | None = None,
+        ) -> tuple[pl.Trainer, dict]:
+    """Train (or resume) ``module`` on ``splits``, then validate once more (EMA weights): the loop of
+    :func:`train`, shared with ``esolm adapt``. Writes ``OUT/config.yaml`` (``config_yaml``, default
+    ``cfg.to_yaml()``) and removes orphaned checkpoint temporaries first. Returns the trainer and the final
+    metrics (``step``, ``tokens_seen``, ``fit_seconds``, ``val_*``). Ctrl-C stops training with
     KeyboardInterrupt (the checkpoints on disk stay complete)."""
-    p = prepared or prepare(cfg)
-    pl.seed_everything(cfg.trainer.seed, verbose=False)  # initial weights
-    module = LitEsoLM(cfg.to_dict(), p.tokenizer.vocab_size, p.tokenizer.mask_id if cfg.method_spec().is_diffusion
-                      else None, p.tokenizer.backend.to_str(), p.tokenizer.meta())
     watch = InterruptWatch()
     trainer = build_trainer(cfg, [*callbacks, watch])
     out = Path(cfg.trainer.out_dir)
     if trainer.is_global_zero:
-        for key, (old, new) in p.changes.items():
-            rank_zero_info(f"resuming {p.ckpt_path} with {key} changed: {old!r} -> {new!r}")
+        for key, (old, new) in (changes or {}).items():
+            rank_zero_info(f"resuming {ckpt_path} with {key} changed: {old!r} -> {new!r}")
         for orphan in clean_orphans(checkpoint_dir(out)):
             rank_zero_info(f"removed {orphan}, left by a checkpoint writer that was killed")
-        _write_text(out / "config.yaml", cfg.to_yaml())
+        write_text(out / "config.yaml", config_yaml if config_yaml is not None else cfg.to_yaml())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
-        data = EsoLMData(cfg, p.splits)
+        data = EsoLMData(cfg, splits)
         t0, on_sigint = time.perf_counter(), signal.getsignal(signal.SIGINT)
         try:
-            trainer.fit(module, datamodule=data, ckpt_path=p.ckpt_path, weights_only=True)
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         except SystemExit:
             if watch.interrupted:  # Lightning ignores SIGINT from then on and turns Ctrl-C into sys.exit(1)
                 signal.signal(signal.SIGINT, on_sigint)
@@ -260,8 +263,21 @@ def train(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepared | Non
         if cfg.trainer.val_every > 0:
             metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
             final.update({k.replace("/", "_"): float(v) for k, v in metrics.items()})
+    return trainer, final
+
+
+def train(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepared | None = None) -> LitEsoLM:
+    """Train (or resume) a run, then validate once more (EMA weights) and write ``OUT/final_metrics.json``.
+
+    Returns the module (raw weights; the EMA weights are in the checkpoints). Ctrl-C stops training with
+    KeyboardInterrupt (the checkpoints on disk stay complete)."""
+    p = prepared or prepare(cfg)
+    pl.seed_everything(cfg.trainer.seed, verbose=False)  # initial weights
+    module = LitEsoLM(cfg.to_dict(), p.tokenizer.vocab_size, p.tokenizer.mask_id if cfg.method_spec().is_diffusion
+                      else None, p.tokenizer.backend.to_str(), p.tokenizer.meta())
+    trainer, final = fit(cfg, module, p.splits, p.ckpt_path, p.changes, callbacks)
     if trainer.is_global_zero:
-        _write_text(out / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+        write_text(Path(cfg.trainer.out_dir) / "final_metrics.json", json.dumps(final, indent=2) + "\n")
         if "val_nelbo" in final:
             print(f"final validation (EMA weights) at step {final['step']}: NELBO {final['val_nelbo']:.4f} "
                   f"nats/token, perplexity <= {final['val_ppl']:.2f}")
