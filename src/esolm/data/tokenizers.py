@@ -395,14 +395,153 @@ def transformers_tokenizer(tokenizer, *, base_vocab_size: int | None = None, nam
                               base_vocab_size=base_vocab_size, where=where)
 
 
+# -- the scaling-dllms family's tiktoken-style vocabulary (their dataloader.CustomTikTokenizer) ----------------------
+
+# their PATTERN_TIKTOKEN_V2: the pre-tokenisation split of the 128k vocabulary
+TIKTOKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+                    r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TIKTOKEN_SPECIALS = ("<unk>", "<s>", "</s>", "<mask>")  # ids 0..3, then <SPECIAL_4> .. up to num_special_tokens
+TIKTOKEN_VOCAB_SIZE = 131_072
+TIKTOKEN_NUM_SPECIAL = 1000
+
+
+def _byte_level_table() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE in ``tokenizers``)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _tiktoken_split(token: bytes, ranks: dict[bytes, int], max_rank: int) -> tuple[bytes, bytes] | None:
+    """The last merge tiktoken makes to build ``token``: byte-pair merging by lowest rank, using ranks below
+    ``max_rank`` only, leaves exactly two parts (``None`` when it does not: the rank is unreachable)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, at = None, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < max_rank and (best is None or r < best):
+                best, at = r, i
+        if best is None:
+            return None
+        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def read_tiktoken_ranks(path: str | os.PathLike, max_vocab: int | None = None) -> dict[bytes, int]:
+    """``{token bytes: rank}`` of a vocabulary in the scaling-dllms format: a JSON list whose entry ``i`` is
+    ``{"rank": i, "token_bytes": base64, "token_str": str}``, the first 256 the single bytes in order. At most
+    ``max_vocab`` entries are read. CheckpointError (one line) for anything else."""
+    import base64
+    import binascii
+
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable JSON ({cause_line(exc)})") from None
+    if not isinstance(data, list) or not data:
+        raise CheckpointError(f"{file}: expected a JSON list of {{rank, token_bytes, token_str}}")
+    if max_vocab is not None:
+        data = data[:max_vocab]
+    ranks: dict[bytes, int] = {}
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict) or set(entry) != {"rank", "token_bytes", "token_str"}:
+            raise CheckpointError(f"{file}: entry {i} is not an object with exactly rank, token_bytes, token_str")
+        if entry["rank"] != i or isinstance(entry["rank"], bool):
+            raise CheckpointError(f"{file}: entry {i} has rank {entry['rank']!r} (ranks must be 0, 1, 2, ...)")
+        try:
+            token = base64.b64decode(str(entry["token_bytes"]), validate=True)
+        except (binascii.Error, ValueError):
+            raise CheckpointError(f"{file}: entry {i}: token_bytes is not base64") from None
+        if (i < 256 and token != bytes([i])) or (i >= 256 and len(token) < 2):
+            raise CheckpointError(f"{file}: entry {i} must be " + (f"the single byte {i}" if i < 256 else
+                                                                  "a token of two bytes or more"))
+        if token in ranks:
+            raise CheckpointError(f"{file}: entry {i} repeats the token of entry {ranks[token]}")
+        ranks[token] = i
+    if len(ranks) < 256:
+        raise CheckpointError(f"{file}: has {len(ranks)} entries; the 256 single bytes must come first")
+    return ranks
+
+
+def tiktoken_json_tokenizer(path: str | os.PathLike, *, vocab_size: int | None = TIKTOKEN_VOCAB_SIZE,
+                            num_special_tokens: int = TIKTOKEN_NUM_SPECIAL, name: str | None = None) -> Tokenizer:
+    """The scaling-dllms family's tokenizer (their ``CustomTikTokenizer`` as ``get_tokenizer`` builds it) as a
+    byte-level BPE of the ``tokenizers`` library: ids ``0 .. num_special_tokens - 1`` are the specials
+    ``<unk>, <s>, </s>, <mask>`` then ``<SPECIAL_4> ...``; the vocabulary's rank ``r`` is id
+    ``num_special_tokens + r`` (the first ``vocab_size - num_special_tokens`` ranks; ``vocab_size=None``: all).
+    Text is split by their pattern (:data:`TIKTOKEN_PATTERN`) and each piece merged as tiktoken merges it: a
+    piece that is a token is that token, otherwise pairs merge lowest rank first (one BPE merge per rank, the
+    one tiktoken's merging ends with). BOS ``<s>``, EOS ``</s>``, mask ``<mask>``; special-token strings in
+    user text stay text (their ``encode_ordinary``)."""
+    file = Path(path)
+    if isinstance(num_special_tokens, bool) or not isinstance(num_special_tokens, int) \
+            or num_special_tokens < len(TIKTOKEN_SPECIALS):
+        raise UserError(f"num_special_tokens must be an integer >= {len(TIKTOKEN_SPECIALS)}")
+    inner = None if vocab_size is None else vocab_size - num_special_tokens
+    if inner is not None and inner < 256:
+        raise UserError(f"vocab_size {vocab_size} leaves no room for the 256 bytes after {num_special_tokens} "
+                        "special ids")
+    ranks = read_tiktoken_ranks(file, inner)
+    if inner is not None and len(ranks) != inner:
+        raise CheckpointError(f"{file}: has {len(ranks):,} entries but a vocabulary of {vocab_size:,} with "
+                              f"{num_special_tokens} special ids needs {inner:,}")
+    table = _byte_level_table()
+
+    def text(token: bytes) -> str:
+        return "".join(table[b] for b in token)
+
+    specials = [*TIKTOKEN_SPECIALS, *(f"<SPECIAL_{i}>" for i in range(len(TIKTOKEN_SPECIALS), num_special_tokens))]
+    vocab = {t: i for i, t in enumerate(specials)}
+    merges = []
+    for token, rank in ranks.items():
+        vocab[text(token)] = num_special_tokens + rank
+        if rank >= 256:
+            pair = _tiktoken_split(token, ranks, rank)
+            if pair is None:
+                raise CheckpointError(f"{file}: entry {rank} cannot be built by merging tokens of lower rank")
+            merges.append((text(pair[0]), text(pair[1])))
+    backend = HFTokenizer(models.BPE(vocab, merges, ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TIKTOKEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    ids = {t: backend.token_to_id(t) for t in TIKTOKEN_SPECIALS}
+    return Tokenizer(backend, name or file.name, ids["<mask>"], ids["</s>"], ids["<s>"])
+
+
+def is_tiktoken_json(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file whose content starts like the scaling-dllms vocabulary (a JSON list of objects
+    with ``rank``): read from its first bytes only."""
+    file = Path(path)
+    if not file.is_file():
+        return False
+    with open(file, "rb") as fh:
+        head = fh.read(256).lstrip()
+    return head.startswith(b"[") and b'"rank"' in head
+
+
 TOKENIZERS = {"gpt2": gpt2, "bert-base-uncased": bert_base_uncased, "esolm-bpe-8k": bpe8k, "chars": chars}
 
 
 def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
-    """A tokenizer by name (``gpt2``, ``bert-base-uncased``, ``esolm-bpe-8k``, ``chars``) or a saved folder."""
+    """A tokenizer by name (``gpt2``, ``bert-base-uncased``, ``esolm-bpe-8k``, ``chars``), a saved folder or a
+    scaling-dllms vocabulary file (:func:`tiktoken_json_tokenizer`, their 131,072-id layout)."""
     key = str(name_or_path)
     if key in TOKENIZERS:
         return TOKENIZERS[key]()
     if Path(key).is_dir():
         return Tokenizer.load(key)
-    raise UserError(f"unknown tokenizer '{key}' (choose from {', '.join(TOKENIZERS)} or a saved folder)")
+    if is_tiktoken_json(key):
+        return tiktoken_json_tokenizer(key)
+    raise UserError(f"unknown tokenizer '{key}' (choose from {', '.join(TOKENIZERS)}, a saved folder or a "
+                    "scaling-dllms vocabulary .json)")

@@ -55,7 +55,8 @@ def _int(value: Any) -> bool:
 
 def config_from_authors(cfg: dict, vocab_size: int, mask_index: int | None) -> ModelConfig:
     """ModelConfig from the authors' Hydra config (``model.hidden_size, cond_dim, n_blocks, n_heads,
-    length, dropout``; ``algo.causal_attention`` marks the AR baseline, which has no adaLN)."""
+    length, dropout``; ``algo.causal_attention`` marks the AR baseline, which has no adaLN unless
+    ``algo.adaLN`` says so, as in the scaling family)."""
     model = get(cfg, "model")
     if not isinstance(model, dict):
         raise CheckpointError("the authors' config has no 'model' section")
@@ -66,6 +67,7 @@ def config_from_authors(cfg: dict, vocab_size: int, mask_index: int | None) -> M
     if not _int(vocab_size):
         raise CheckpointError("cannot tell the vocabulary size of the authors' checkpoint")
     ar = _is_authors_ar(cfg)
+    adaln = get(cfg, "algo.adaLN")  # explicit in the scaling family, whose AR baseline keeps adaLN
     return ModelConfig(
         vocab_size=int(vocab_size),
         mask_id=None if ar else (None if mask_index is None else int(mask_index)),
@@ -75,7 +77,7 @@ def config_from_authors(cfg: dict, vocab_size: int, mask_index: int | None) -> M
         n_heads=model["n_heads"],
         length=model["length"],
         dropout=float(model.get("dropout", 0.1)),
-        adaln=not ar,
+        adaln=bool(adaln) if isinstance(adaln, bool) else not ar,
     )
 
 

@@ -16,7 +16,9 @@
   ``"provenance"`` (e.g. ``{"base": ..., "adapted": false, "note": ...}``, :attr:`LoadedModel.provenance`);
 * **the authors' checkpoints** (:mod:`esolm.io.authors`): Lightning ``.ckpt`` (EMA weights by default),
   fixture-style ``.pt`` (``{"state_dict", "config", ...}``), a bare state dict (with ``config=``), a
-  Hugging Face folder or repo id (``model.safetensors``, sharded, or ``pytorch_model.bin``).
+  Hugging Face folder or repo id (``model.safetensors``, sharded, or ``pytorch_model.bin``);
+* **the authors' scaling family** (:mod:`esolm.io.scaling`, ``nvidia/SDLLM-*``): a ``PyTorchModelHubMixin``
+  folder, ``config.json`` with a top-level ``vocab_size`` (their Hydra config beside it, or only ``mask_index``).
 
 Every path goes through the same checks before a model is built (:mod:`esolm.io.weights`) and reads
 pickles only through :func:`esolm.io.safe_pickle.read_checkpoint`.
@@ -39,7 +41,7 @@ from safetensors.torch import save_file
 
 from esolm.config import ModelConfig
 from esolm.errors import CheckpointError, ConfigError, EsoLMError, UserError
-from esolm.io import authors
+from esolm.io import authors, scaling
 from esolm.io.atomic import atomic_dir, atomic_json, atomic_write
 from esolm.io.safe_pickle import cause_line, read_checkpoint
 from esolm.io.weights import (
@@ -341,6 +343,8 @@ def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -
         model = _build_llama(weight_files(folder), cfg, where) if llama else _build_from(weight_files(folder), cfg,
                                                                                              where)
         return _Found(model, _method(meta.get("method"), where), None, recipe, provenance)
+    if scaling.is_scaling_config(meta):
+        return _read_scaling(folder, meta, config, mask_index, name)
     if "n_blocks" in meta:
         cfg = (_user_config(config, meta.get("vocab_size"), mask_index) if config is not None
                else authors.config_from_hf(meta))
@@ -352,6 +356,41 @@ def _read_folder(folder: Path, config: Any, mask_index: int | None, name: str) -
         raise CheckpointError(f"{folder}: a Hugging Face Llama folder, not an esolm one: write an esolm folder from it "
                               "with esolm.io.pretrained.adapt_base(folder, out_folder)")
     raise CheckpointError(f"{folder / CONFIG_NAME}: neither an esolm nor an authors' Hugging Face config")
+
+
+def _read_scaling(folder: Path, meta: dict, config: Any, mask_index: int | None, name: str) -> _Found:
+    """A folder of the authors' scaling family (:mod:`esolm.io.scaling`): architecture from ``config.json`` or,
+    for the bare one, from the weights' shapes; the method from its ``algo`` (or what the name says); a
+    tokenizer in their format beside it when there is one."""
+    where = str(folder)
+    files = _weight_files(folder)
+    if isinstance(files, list):
+        shapes = {k: shape for k, (_, shape) in _read_headers(files).items()}
+    else:
+        state = read_checkpoint(files) if config is None and scaling.is_bare(meta) else {}
+        shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    vocab = meta["vocab_size"]
+    mask = mask_index if mask_index is not None else scaling.mask_index_of(meta)
+    cfg = (_user_config(config, vocab, mask) if config is not None
+           else scaling.config_from_scaling(meta, shapes, where, mask))
+    if cfg.vocab_size != vocab:
+        raise CheckpointError(f"{where}: config.json says vocab_size {vocab} but the config has {cfg.vocab_size}")
+    method = scaling.method_from_scaling(meta, f"{name} {folder.name}")
+    model = _build_from(files, cfg, where, authors.backbone_state)
+    return _Found(model, _method(method, where), _scaling_tokenizer(folder, vocab), _saved_recipe(folder))
+
+
+def _scaling_tokenizer(folder: Path, vocab_size: int):
+    """The tokenizer in a scaling-family folder: esolm's own (read later by the loader), else a vocabulary in
+    their tiktoken JSON format (``*.json`` holding ``[{rank, token_bytes, token_str}, ...]``), else None."""
+    from esolm.data.tokenizers import META_FILE, TIKTOKEN_NUM_SPECIAL, is_tiktoken_json, tiktoken_json_tokenizer
+
+    if (folder / META_FILE).is_file():
+        return None
+    for file in sorted(folder.glob("*.json")):
+        if file.name != CONFIG_NAME and is_tiktoken_json(file):
+            return tiktoken_json_tokenizer(file, vocab_size=vocab_size, num_special_tokens=TIKTOKEN_NUM_SPECIAL)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
