@@ -48,6 +48,12 @@ def test_cosine_to_a_fixed_and_to_a_leave_one_out_reference():
     assert other["snr"] == pytest.approx(0.25, rel=0.05) and abs(other["cosine_mean"]) < 0.02
 
 
+def test_degenerate_gradients():
+    zero = gradient_quality(torch.zeros(4, 3))  # every batch's rewards tied: no gradient at all
+    assert math.isnan(zero["snr"]) and math.isnan(zero["snr_plugin"]) and zero["cosine_mean"] == 0.0
+    assert gradient_quality(torch.ones(4, 3))["snr"] == math.inf
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="n >= 2"):
         gradient_quality(torch.zeros(1, 3))

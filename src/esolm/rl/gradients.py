@@ -25,9 +25,12 @@ Tensor = torch.Tensor
 
 
 def snr_from_moments(mean_norm2: float, trace: float, batches: int) -> tuple[float, float]:
-    """(unbiased, plug-in) signal-to-noise from ``||mean||^2``, the unbiased covariance trace and ``n``."""
+    """(unbiased, plug-in) signal-to-noise from ``||mean||^2``, the unbiased covariance trace and ``n``; NaN
+    for gradients that are all zero (every batch's rewards tied: no signal and no noise), inf for a constant
+    non-zero gradient."""
     if trace <= 0:
-        return float("inf"), float("inf")
+        value = float("nan") if mean_norm2 == 0 else float("inf")
+        return value, value
     return (mean_norm2 - trace / batches) / trace, mean_norm2 / trace
 
 
