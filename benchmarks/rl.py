@@ -6,9 +6,14 @@ Four measurements, written to ``benchmarks/results/rl/`` (``rl.md``, ``rl.json``
    starting policy with the same budget (``--iterations``) and seeds; held-out accuracy (fixed prompts and
    draws) vs RL wall time and vs rollouts, mean and spread over seeds. Runs are resumable folders under
    ``--runs`` (an interrupted benchmark continues where it stopped).
-2. **Gradient variance at a fixed policy**: ``--grad-batches`` independent rollout batches of the starting
-   policy; the GRPO gradient at ratio 1 of each, with each estimator on the *same* rollouts; reports the
-   total variance ``E||g - E g||^2`` and the squared norm of the mean gradient of each, and their cosine.
+2. **Gradient quality at a fixed policy** (``--grad-tasks``, ``--grad-batches``; alone with
+   ``--gradients-only``, written to ``rl_gradients.json`` / ``rl_gradients.md``): ``--grad-batches``
+   independent rollout batches of each task's starting policy; the GRPO gradient at ratio 1 of each batch,
+   with each estimator on the *same* rollouts; scale-free figures (:mod:`esolm.rl.gradients`): the
+   signal-to-noise ``||E g||^2 / tr Cov(g)`` of one batch's gradient, and the cosine of each batch's gradient
+   to the large-batch exact gradient of the other batches (leave-one-out: the exact estimator is unbiased,
+   so that mean is the policy gradient's estimate), mean and spread over batches; for mean-field also to its
+   own leave-one-out mean, and the cosine between the two mean gradients.
 3. **Cost of one likelihood pass** (forward + backward, same batch): exact / mean-field.
 4. **Rollout speed**: completion tokens/s of the KV-cached sampler vs the same plan without the cache.
 
@@ -16,6 +21,7 @@ Usage (after ``esolm train task-TASK`` for each task)::
 
     python benchmarks/rl.py --tasks arithmetic sudoku countdown --seeds 1 2 3 \\
         --likelihoods exact --mean-field-tasks countdown
+    python benchmarks/rl.py --gradients-only --grad-tasks arithmetic sudoku countdown --grad-batches 32
 
 Timings are single-threaded (``--threads 1``) and only meaningful on an otherwise idle machine.
 """
@@ -48,9 +54,11 @@ def run_learning(task: str, likelihood: str, seed: int, iterations: int | None, 
     return {"task": task, "likelihood": likelihood, "seed": seed, "evals": evals}
 
 
-def policy_gradients(task: str, batches: int, seed: int = 0) -> dict:
-    """GRPO gradients at ratio 1 of the starting policy on the same rollouts, for both estimators."""
+def policy_gradients(task: str, batches: int, seed: int = 0, policy: str | None = None) -> dict:
+    """Scale-free quality of the GRPO gradient at ratio 1 of the task's starting policy (or ``policy``), both
+    estimators on the same ``batches`` rollout batches (module docstring, item 2)."""
     from esolm.rl.config import load_rl_config
+    from esolm.rl.gradients import gradient_quality
     from esolm.rl.grpo import group_advantages, grpo_loss, rollout_groups
     from esolm.rl.prompts import decode_completions, prompt_source
     from esolm.rl.run import load_policy
@@ -58,7 +66,7 @@ def policy_gradients(task: str, batches: int, seed: int = 0) -> dict:
     from esolm.sampling.params import SamplingParams
     from esolm.training.module import step_seed
 
-    cfg = load_rl_config(task)
+    cfg = load_rl_config(task, [] if policy is None else [f"policy={policy}"])
     loaded = load_policy(cfg.policy)
     model, method, tok = loaded.model.float(), loaded.method, loaded.tokenizer
     model.eval()
@@ -75,25 +83,41 @@ def policy_gradients(task: str, batches: int, seed: int = 0) -> dict:
         for r, idx in zip(rolls, rows):
             for i, t in zip(idx, decode_completions(tok, r.tokens, r.prompt_len)):
                 comps[i] = t
-        adv = group_advantages(source.rewards(flat, comps), rl.group_size)
+        adv = group_advantages(source.rewards(flat, comps), rl.group_size, rl.scale_rewards)
         for lik in grads:
             model.zero_grad()
             for j, (r, idx) in enumerate(zip(rolls, rows)):
                 gen = torch.Generator().manual_seed(step_seed(seed, k, 2, j))
                 lp = sequence_logprobs(model, method, r, lik, gen, rl.mask_prompt)
-                loss, _ = grpo_loss(lp, lp.detach(), adv[idx], rl.epsilon)
+                loss, _ = grpo_loss(lp, lp.detach(), adv[idx], rl.epsilon, loss_type=rl.loss_type)
                 loss.backward()
             grads[lik].append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
                                          for p in params]))
-    out = {}
-    for lik, gs in grads.items():
-        g = torch.stack(gs)
-        mean = g.mean(0)
-        out[lik] = {"total_variance": float(((g - mean) ** 2).sum(1).mean()), "mean_norm2": float(mean.square().sum())}
-    me, mm = torch.stack(grads["exact"]).mean(0), torch.stack(grads["mean-field"]).mean(0)
-    out["cosine_of_means"] = float(me @ mm / (me.norm() * mm.norm()).clamp_min(1e-30))
-    out["batches"] = batches
-    return out
+    ex, mf = torch.stack(grads["exact"]), torch.stack(grads["mean-field"])
+    me, mm = ex.mean(0), mf.mean(0)
+    return {"task": task, "batches": batches, "rollouts_per_batch": rl.prompts_per_step * rl.group_size,
+            "policy": str(cfg.policy), "exact": gradient_quality(ex, ex), "mean-field": gradient_quality(mf, ex),
+            "mean-field_own_reference": gradient_quality(mf),
+            "cosine_of_means": float(me @ mm / (me.norm() * mm.norm()).clamp_min(1e-300))}
+
+
+def gradient_lines(grads: dict) -> list[str]:
+    """Markdown of :func:`policy_gradients` results, one table row per task and estimator."""
+    lines = ["## Gradient quality at the starting policy (scale-free; same rollouts for both estimators)", "",
+             "signal-to-noise = ||E g||^2 / tr Cov(g) of one batch's gradient (unbiased); cosine of each batch's "
+             "gradient to the exact gradient of the other batches (leave-one-out), mean +- std [min, max] over "
+             "batches", "",
+             "| task | estimator | batches x rollouts | signal-to-noise | cosine to exact reference | "
+             "cosine to own reference | cosine of the means |", "|---|---|---|---|---|---|---|"]
+    for task, g in grads.items():
+        for lik in ("exact", "mean-field"):
+            q = g[lik]
+            own = g["exact"] if lik == "exact" else g["mean-field_own_reference"]
+            lines.append(f"| {task} | {lik} | {g['batches']} x {g['rollouts_per_batch']} | {q['snr']:.3f} | "
+                         f"{q['cosine_mean']:.3f} +- {q['cosine_std']:.3f} [{q['cosine_min']:.3f}, "
+                         f"{q['cosine_max']:.3f}] | {own['cosine_mean']:.3f} +- {own['cosine_std']:.3f} | "
+                         f"{g['cosine_of_means']:.3f} |")
+    return lines
 
 
 def likelihood_cost(task: str, repeats: int = 20) -> dict:
@@ -216,14 +240,7 @@ def write_markdown(res: dict, out: Path, command: str) -> None:
         lines.append(f"| {task} | {lik} | {s['mean']:.3f} | {', '.join(f'{a:.3f}' for a in e['per_seed'])} | "
                      f"{e['mean']:.3f} | {e['mean'] - s['mean']:+.3f} | {e['max'] - e['min']:.3f} |")
     if res.get("gradients"):
-        g = res["gradients"]
-        lines += ["", f"## Policy-gradient estimates at the starting policy ({g['batches']} batches)", "",
-                  "| estimator | total variance | squared norm of the mean |", "|---|---|---|"]
-        for lik in ("exact", "mean-field"):
-            lines.append(f"| {lik} | {g[lik]['total_variance']:.4g} | {g[lik]['mean_norm2']:.4g} |")
-        lines.append(f"\nvariance ratio exact / mean-field: "
-                     f"{g['exact']['total_variance'] / g['mean-field']['total_variance']:.3f}; "
-                     f"cosine between the mean gradients: {g['cosine_of_means']:.3f}")
+        lines += [""] + gradient_lines(res["gradients"])
     if res.get("likelihood_cost"):
         c = res["likelihood_cost"]
         lines += ["", f"## One likelihood pass, forward + backward ({c['rows']} rollouts, L = {c['length']})", "",
@@ -244,8 +261,12 @@ def main(argv=None) -> None:
     ap.add_argument("--mean-field-tasks", nargs="*", default=["countdown"],
                     help="tasks also run with likelihood=mean-field (the comparison)")
     ap.add_argument("--iterations", type=int, default=None, help="RL iterations (default: each preset's)")
-    ap.add_argument("--grad-task", default="countdown")
+    ap.add_argument("--grad-tasks", nargs="+", default=["countdown"],
+                    help="tasks whose starting policy's gradient quality is measured (item 2)")
     ap.add_argument("--grad-batches", type=int, default=32)
+    ap.add_argument("--gradients-only", action="store_true",
+                    help="only item 2, written to rl_gradients.json / rl_gradients.md (rl.json is left alone)")
+    ap.add_argument("--policy", default=None, help="item 2's policy instead of each task preset's (a smoke run)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-rl")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rl")
     ap.add_argument("--threads", type=int, default=1)
@@ -257,6 +278,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
+    if args.gradients_only:
+        grads = {t: policy_gradients(t, args.grad_batches, policy=args.policy) for t in args.grad_tasks}
+        (args.out / "rl_gradients.json").write_text(json.dumps(grads, indent=2) + "\n")
+        command = "python benchmarks/rl.py " + " ".join(argv or __import__("sys").argv[1:])
+        (args.out / "rl_gradients.md").write_text("\n".join([f"Command: `{command}`", "", *gradient_lines(grads)])
+                                                   + "\n")
+        print("\n".join(gradient_lines(grads)))
+        return
     if not args.skip_learning:
         results = []
         for task in args.tasks:
@@ -267,9 +296,9 @@ def main(argv=None) -> None:
         res["learning"] = summarize(results)
     if args.learning_only:
         return
-    res["gradients"] = policy_gradients(args.grad_task, args.grad_batches)
-    res["likelihood_cost"] = likelihood_cost(args.grad_task)
-    res["rollout_speed"] = rollout_speed(args.grad_task)
+    res["gradients"] = {t: policy_gradients(t, args.grad_batches, policy=args.policy) for t in args.grad_tasks}
+    res["likelihood_cost"] = likelihood_cost(args.grad_tasks[0])
+    res["rollout_speed"] = rollout_speed(args.grad_tasks[0])
     (args.out / "rl.json").write_text(json.dumps(res, indent=2) + "\n")
     if "learning" in res:
         plot(res["learning"], args.out)

@@ -57,7 +57,7 @@ def test_generators_are_deterministic_fixed_width_and_splits_disjoint(name):
     a, b = task.generate(300, seed=3), task.generate(300, seed=3)
     assert a == b and task.generate(300, seed=4) != a
     train = {task.prompt(i) for i in task.generate(1000, seed=0, split="train")}
-    test = {task.prompt(i) for i in task.generate(300, seed=0, split="test")}
+    test = {task.prompt(i) for i in task.generate(min(300, task.test_size or 300), seed=0, split="test")}
     assert train and test and not train & test
     assert {len(p) for p in train | test} == {task.prompt_length}
     sols = [task.solution(i) for i in task.generate(1000, seed=0)]
@@ -91,7 +91,8 @@ def test_reward_accepts_solutions_and_rejects_corruptions(name):
     if name == "arithmetic" or name == "sudoku":  # unique answers: any change is wrong
         assert wrong == []
     assert task.reward(prompts, ["", *bad[1:]])[0] == 0.0
-    assert task.reward(prompts[:2], [sols[0] + "1", " " + sols[1]]) == [0.0, 0.0]
+    if not name.startswith("d1-"):  # d1's reading drops spaces and cuts a grid to 16 cells (test_rl_d1.py)
+        assert task.reward(prompts[:2], [sols[0] + "1", " " + sols[1]]) == [0.0, 0.0]
     with pytest.raises(UserError, match="completions"):
         task.reward(prompts, sols[:-1])
     with pytest.raises(UserError, match=f"not a {name} prompt"):
@@ -211,7 +212,7 @@ def test_pad_eos_mode_fills_with_eos_and_marks_everything_valid():
 def test_task_source_decodes_back_to_solved_instances(name, chars, tmp_path):
     task = get_task(name)
     train, val = source_texts(f"task:{name}", 0.02, split_seed=0, max_documents=200)
-    assert len(train) == 200 and len(val) == 500
+    assert len(train) == 200 and len(val) == min(500, task.test_size or 500)
     assert source_texts(f"task:{name}", 0.5, split_seed=0, max_documents=200) == (train, val)
     assert train == task.texts(200, 0, "train") and not {t[:task.prompt_length] for t in train} & \
         {t[:task.prompt_length] for t in val}

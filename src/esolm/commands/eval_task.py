@@ -3,7 +3,9 @@
 ``--samples N`` samples (default 1) per held-out prompt (``--prompts``, at most 100,000; fixed ``--seed``: the
 same prompts and draws every time) at the given law (``--temperature``, ``--greedy`` (= temperature 0),
 ``--top-p``, ``--alpha0``, ``--steps``: one :class:`~esolm.sampling.params.SamplingParams`, checked against the
-model before any sampling); accuracy = fraction of the samples with reward > 0.5; ``--pass-at K`` (K <= N)
+model before any sampling); accuracy = fraction of the samples with reward > 0.5 (d1-sudoku, whose reward is
+the fraction of blank cells right: every blank cell right), plus a task's own metric (d1-sudoku: d1's
+``cell_accuracy``, correct blank cells over all blank cells); ``--pass-at K`` (K <= N)
 adds the unbiased pass@K, ``1 - C(N - c, K) / C(N, K)`` for a prompt with ``c`` correct samples, averaged over
 the prompts. A user's reward function runs in a guarded thread: one call may take at most
 ``--reward-timeout`` seconds (default 60).
@@ -12,6 +14,7 @@ the prompts. A user's reward function runs in a guarded thread: one call may tak
     esolm eval-task runs/rl-arithmetic/policy arithmetic --prompts 500 --json
     esolm eval-task MODEL arithmetic --greedy
     esolm eval-task MODEL arithmetic --samples 8 --pass-at 4
+    esolm eval-task runs/task-d1-sudoku/checkpoints/last.ckpt d1-sudoku --prompts 500   # d1's test set
     esolm eval-task MODEL my_prompts.jsonl --reward rewards.py:score
 """
 
@@ -24,7 +27,8 @@ from esolm.commands import _args
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="a checkpoint or exported folder (with its tokenizer)")
-    parser.add_argument("task", help="arithmetic, sudoku, countdown, or a prompt file (.txt / .jsonl) with --reward")
+    parser.add_argument("task", help="arithmetic, sudoku, countdown, d1-countdown, d1-sudoku, or a prompt file "
+                                     "(.txt / .jsonl) with --reward")
     parser.add_argument("--reward", default=None, help="reward callable module:function or file.py:function")
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts (default 200, at most 100000)")
     parser.add_argument("--seed", type=int, default=1234)
@@ -67,6 +71,8 @@ def run(args) -> int:
     else:
         k = f"pass@{args.pass_at}"
         extra = f", {k} {res[k]:.3f}" if k in res else ""
+        extra += "".join(f", {m.replace('_', ' ')} {res[m]:.3f}" for m in ("cell_accuracy", "valid_solutions")
+                         if m in res)
         each = f" x {args.samples} samples" if args.samples > 1 else ""
         print(f"{args.task}: accuracy {res['accuracy']:.3f} (mean reward {res['reward']:.3f}{extra}) on "
               f"{res['prompts']} held-out prompts{each}, seed {args.seed}")

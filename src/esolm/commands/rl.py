@@ -9,7 +9,8 @@ Examples::
     esolm rl arithmetic rl.loss_type=dapo rl.epsilon_high=0.28 rl.skip_zero_variance_groups=true \
         rl.num_iterations=2 optim.schedule=cosine optim.warmup_steps=10   # TRL's GRPO knobs (README)
 
-``TASK`` is a shipped task (arithmetic, sudoku, countdown: preset ``rl-TASK``) or a YAML file. The run writes
+``TASK`` is a shipped task (arithmetic, sudoku, countdown, d1-countdown, d1-sudoku: preset ``rl-TASK``) or a
+YAML file. The run writes
 ``OUT/checkpoints`` (resumable: the same command continues from ``last.ckpt``), ``OUT/logs``,
 ``OUT/eval.jsonl``, ``OUT/final_metrics.json`` and the final policy in ``OUT/policy``.
 
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("task", metavar="TASK_OR_CONFIG", help="arithmetic, sudoku, countdown, or a YAML file")
+    parser.add_argument("task", metavar="TASK_OR_CONFIG", help="arithmetic, sudoku, countdown, d1-countdown, "
+                                                                         "d1-sudoku, or a YAML file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. rl.likelihood=mean-field rl.group_size=8 policy=PATH")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -256,7 +256,8 @@ def source_texts(source: str, val_fraction: float, split_seed: int = 0,
 
         task = get_task(source.removeprefix("task:"))
         n = TASK_TRAIN if max_documents is None else max_documents
-        return task.texts(n, split_seed, "train"), task.texts(TASK_VALIDATION, split_seed, "test")
+        val = TASK_VALIDATION if task.test_size is None else min(TASK_VALIDATION, task.test_size)
+        return task.texts(n, split_seed, "train"), task.texts(val, split_seed, "test")
     elif Path(source).exists():
         texts = read_local_texts(source)
     else:

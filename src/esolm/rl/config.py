@@ -26,7 +26,7 @@ MAX_SAMPLES = 1024  # samples per held-out prompt (eval-task --samples, for pass
 
 @dataclass
 class TaskSection:
-    name: str | None = None          # a shipped task: arithmetic | sudoku | countdown
+    name: str | None = None          # a shipped task: arithmetic | sudoku | countdown | d1-countdown | d1-sudoku
     prompts: str | None = None       # or a file of prompts (.txt: one per line; .jsonl: {"prompt": ...})
     reward: str | None = None        # reward callable module:function or file.py:function (default: the task's)
     eval_prompts: int = 200          # held-out prompts for accuracy (fixed seed)

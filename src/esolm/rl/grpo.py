@@ -239,10 +239,12 @@ def check_pass_at(samples, pass_at) -> tuple[int, int | None]:
 @torch.no_grad()
 def evaluate_prompts(model, method, tokenizer, source: PromptSource, n: int, params: SamplingParams,
                      batch: int = 64, examples: int = 0, samples: int = 1, pass_at: int | None = None) -> dict:
-    """Held-out accuracy (reward > 0.5, the mean over every sample) and mean reward of ``samples`` samples per
-    prompt at ``params`` (its ``seed`` fixes the prompts and the draws: the same every time it is called);
-    with ``pass_at`` k, the mean over prompts of the unbiased :func:`pass_at_k` (under ``"pass@k"``);
-    ``examples`` of the prompts with their (first) completions under ``"examples"``. ``n`` is at most
+    """Held-out accuracy (the fraction of every sample whose reward counts as solved: ``source.correct``,
+    reward > 0.5 unless the task says otherwise) and mean reward of ``samples`` samples per prompt at
+    ``params`` (its ``seed`` fixes the prompts and the draws: the same every time it is called), plus the
+    task's own aggregates (``source.metrics``: d1-sudoku's ``cell_accuracy``); with ``pass_at`` k, the mean
+    over prompts of the unbiased :func:`pass_at_k` (under ``"pass@k"``); ``examples`` of the prompts with
+    their (first) completions under ``"examples"``. ``n`` is at most
     :data:`~esolm.rl.config.MAX_EVAL_PROMPTS`; ``batch`` bounds the rows of one sampler batch."""
     n = check_eval_prompts(n)
     samples, pass_at = check_pass_at(samples, pass_at)
@@ -250,24 +252,30 @@ def evaluate_prompts(model, method, tokenizer, source: PromptSource, n: int, par
     was = model.training
     model.eval()
     prompts = source.test(n, seed)
-    rewards, shown = [], []
+    rewards, shown, asked, answers = [], [], [], []
     per = max(1, batch // samples)  # prompts per sampler batch
     try:
         for s in range(0, n, per):
             chunk = prompts[s:s + per]
             _, _, completions = complete(model, method, tokenizer, chunk, samples, params, step_seed(seed, s))
-            rewards.append(source.rewards([p for p in chunk for _ in range(samples)], completions))
+            flat = [p for p in chunk for _ in range(samples)]
+            rewards.append(source.rewards(flat, completions))
+            asked += flat
+            answers += completions
             shown += [{"prompt": p, "completion": c}
                       for p, c in zip(chunk, completions[::samples])][:examples - len(shown)]
     finally:
         model.train(was)
     r = torch.cat(rewards)
-    res = {"accuracy": float((r > 0.5).double().mean()), "reward": float(r.mean()), "prompts": n}
+    correct = source.correct(r)
+    res = {"accuracy": float(correct.double().mean()), "reward": float(r.mean()), "prompts": n}
+    if source.metrics is not None:
+        res.update(source.metrics(asked, answers))
     if samples > 1:
         res["samples"] = samples
     if pass_at is not None:
-        correct = (r > 0.5).view(n, samples).sum(1).tolist()
-        res[f"pass@{pass_at}"] = sum(pass_at_k(samples, c, pass_at) for c in correct) / n
+        per_prompt = correct.view(n, samples).sum(1).tolist()
+        res[f"pass@{pass_at}"] = sum(pass_at_k(samples, c, pass_at) for c in per_prompt) / n
     if examples:
         res["examples"] = shown
     return res
@@ -397,7 +405,7 @@ class LitGRPO(pl.LightningModule):
         if rl.ref_sync_steps and (self.global_step + 1) % rl.ref_sync_steps == 0:
             sync_reference(self._reference[0], self.policy, rl.ref_mixup_alpha)
         r = data["rewards"]
-        log = {"loss": total, "reward": float(r.mean()), "accuracy": float((r > 0.5).double().mean()),
+        log = {"loss": total, "reward": float(r.mean()), "accuracy": float(self.source.correct(r).double().mean()),
                "rollout_s": data["rollout_s"], "update_s": time.perf_counter() - t0, "nfe": float(data["nfe"]),
                "lr": lr, **stats}
         if rl.skip_zero_variance_groups:

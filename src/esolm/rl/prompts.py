@@ -59,12 +59,20 @@ def read_prompts(path: str | Path) -> list[str]:
     return lines
 
 
+def solved(rewards: torch.Tensor) -> torch.Tensor:
+    """Which rewards count as a solved prompt when nothing else says: ``> 0.5`` (a 0/1 reward's 1)."""
+    return rewards > 0.5
+
+
 @dataclass
 class PromptSource:
     """Training and held-out prompts (deterministic in their seed) and the reward function.
 
     ``pool``: every prompt of a prompt file (``None`` for a shipped task, whose prompts are generated);
-    ``timeout``: seconds one call of the reward may take."""
+    ``timeout``: seconds one call of the reward may take; ``correct``: which rewards count as solved (a
+    shipped task's :meth:`~esolm.rl.tasks.Task.correct` with its own reward, else :func:`solved`);
+    ``metrics``: the task's own aggregates over prompts and completions (``None``: none); ``test_size``: the
+    held-out prompts there are (``None``: as many as asked)."""
 
     name: str
     reward: Reward
@@ -72,12 +80,21 @@ class PromptSource:
     _test: Callable[[int, int], list[str]]
     pool: list[str] | None = None
     timeout: float = DEFAULT_REWARD_TIMEOUT
+    correct: Callable[[torch.Tensor], torch.Tensor] = solved
+    metrics: Callable[[Sequence[str], Sequence[str]], dict[str, float]] | None = None
+    test_size: int | None = None
 
     def train(self, n: int, seed: int) -> list[str]:
         return self._train(n, seed)
 
     def test(self, n: int, seed: int) -> list[str]:
         return self._test(n, seed)
+
+    def check_test_size(self, n: int, what: str) -> None:
+        """UserError (one line, before any work) when ``n`` held-out prompts are more than there are."""
+        if self.test_size is not None and n > self.test_size:
+            raise UserError(f"{what} = {n} but {self.name}'s test set has {self.test_size} prompts; ask for at "
+                            f"most {self.test_size}")
 
     def rewards(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """float64 rewards, checked (:func:`~esolm.rl.rewards.checked_rewards`, with this source's timeout)."""
@@ -94,7 +111,9 @@ def prompt_source(task: str | None = None, prompts: str | None = None, reward: s
         t = get_task(task)
         return PromptSource(t.name, fn or t.reward,
                             lambda n, s: [t.prompt(i) for i in t.generate(n, s, "train")],
-                            lambda n, s: [t.prompt(i) for i in t.generate(n, s, "test")], timeout=timeout)
+                            lambda n, s: [t.prompt(i) for i in t.generate(n, s, "test")], timeout=timeout,
+                            correct=solved if fn is not None else t.correct, metrics=t.metrics,
+                            test_size=t.test_size)
     if prompts is None or fn is None:
         raise UserError("give a shipped task, or a prompt file and a reward function")
     texts = read_prompts(prompts)

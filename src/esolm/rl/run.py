@@ -108,6 +108,7 @@ def prepare_rl(cfg: RLConfig) -> PreparedRL:
     check_likelihood(cfg.rl.likelihood, loaded.method)
     t, rl = cfg.task, cfg.rl
     source = prompt_source(t.name, t.prompts, t.reward, t.reward_timeout)
+    source.check_test_size(t.eval_prompts, "task.eval_prompts")
     resolve_params(SamplingParams.from_rl(rl), loaded, "rl.")
     check_prompts(source, loaded)
     device = run_device(cfg.trainer.accelerator)
@@ -202,6 +203,7 @@ def evaluate_task(model_path: str, task: str | None = None, prompts: str | None 
     loaded = load_policy(model_path, device)
     check_likelihood("mean-field", loaded.method)  # any diffusion model; AR refused with one line
     source = prompt_source(task, prompts, reward, reward_timeout)
+    source.check_test_size(n, "the number of held-out prompts (--prompts)")
     params = resolve_params(params, loaded)
     check_prompts(source, loaded)
     rows = min(n, max(1, EVAL_BATCH // samples)) * samples
