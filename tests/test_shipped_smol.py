@@ -94,3 +94,23 @@ def test_sample_by_name_greedy_alpha0_0_is_smollm2_greedy(loaded, capsys):
 def test_sample_at_the_default_alpha0_runs_diffusion_steps(loaded):
     out = loaded.generate("The history of France", num_samples=2, max_tokens=16, seed=0)
     assert len(out) == 2 and all(isinstance(t, str) and t for t in out)
+
+
+def test_served_over_http_with_its_steps(loaded):
+    """``esolm serve esolm-smol``: a real server (uvicorn, httpx); a streamed completion's step events (what the
+    trace page draws) decide every completion position once, and the text equals ``generate`` alone."""
+    from test_server import alone, serving, stream_events
+
+    tok = loaded.tokenizer
+    with serving(loaded.model, loaded.method, tok) as (url, engine):
+        assert not engine.batched  # Eso-LM (B) on a shifted network: whole requests through generate
+        body = {"prompt": "The history of France", "max_tokens": 12, "seed": 3, "alpha0": 0.5}
+        events = stream_events(url, body)
+    assert events[-1] == "[DONE]"
+    steps, done = [e for e in events[1:-2] if e["esolm"]["event"] == "step"], events[-2]
+    p = len(tok.encode_prompt("The history of France"))
+    positions = sorted(q for e in steps for q in e["esolm"]["positions"])
+    assert positions == list(range(p, p + len(positions))) and {e["esolm"]["phase"] for e in steps} == \
+        {"diffusion", "sequential"}
+    assert done["choices"][0]["text"] == alone(loaded.model, loaded.method, tok, "The history of France", 12, seed=3,
+                                               alpha0=0.5)

@@ -35,6 +35,7 @@ from esolm.devices import available_memory, format_bytes
 from esolm.errors import UserError
 from esolm.methods import Method, as_method
 from esolm.model import masks
+from esolm.model.shift import check_start, is_shifted, query_logits, start_first
 from esolm.noise import uniform
 from esolm.orders import sort_clean_first
 from esolm.sampling.api import sampling_params
@@ -185,10 +186,17 @@ def trajectory_logprobs(model, r: Rollouts) -> Tensor:
     b, length = tokens.shape
     p = r.prompt_len
     x_sorted = tokens.gather(1, order)
-    inp = torch.cat([x_sorted, torch.full((b, length - p), mask_id, dtype=torch.long, device=device)], 1)
-    positions = torch.cat([order, order[:, p:]], 1)
-    attn = masks.trajectory(length, r.bounds, device)
-    logits = model(inp, positions=positions, mask=attn, logits_slice=slice(length, None))
+    if is_shifted(model):  # each target's query with its step's clean prefix (esolm.model.shift), one pass
+        check_start(order, "the rollouts' order")
+        n_clean = torch.zeros(length, dtype=torch.long, device=device)
+        for lo, hi in r.bounds:
+            n_clean[lo:hi] = lo
+        logits = query_logits(model, x_sorted, order, n_clean)[:, p:]
+    else:
+        inp = torch.cat([x_sorted, torch.full((b, length - p), mask_id, dtype=torch.long, device=device)], 1)
+        positions = torch.cat([order, order[:, p:]], 1)
+        attn = masks.trajectory(length, r.bounds, device)
+        logits = model(inp, positions=positions, mask=attn, logits_slice=slice(length, None))
     lp_sorted = token_logprobs(logits, x_sorted[:, p:], mask_id, r.top_p, r.temperature)
     return torch.zeros_like(lp_sorted).scatter(1, order[:, p:] - p, lp_sorted)
 
@@ -209,7 +217,12 @@ def mean_field_logprobs(model, method: Method | dict, r: Rollouts, generator: to
     is_mask[:, :p] = uniform((b, p), generator, device) < mask_prompt
     xt = torch.where(is_mask, torch.full_like(tokens, mask_id), tokens)
     attention = method.diffusion_attention
-    if attention == "bidirectional":
+    if is_shifted(model):  # every masked token queried with the clean tokens (position 0, a prompt token, kept)
+        is_mask[:, 0] = False
+        sort_idx = start_first(sort_clean_first(is_mask, generator))
+        out = query_logits(model, tokens.gather(1, sort_idx), sort_idx, (~is_mask).sum(1)[:, None])
+        logits = torch.empty_like(out).scatter_(1, sort_idx[:, :, None].expand_as(out), out)
+    elif attention == "bidirectional":
         logits = model(xt)
     else:  # causal (any order) or prefix-LM attention over the clean tokens sorted first
         sort_idx = sort_clean_first(is_mask, generator)
