@@ -27,7 +27,7 @@ from esolm.config import ModelConfig  # noqa: E402
 from esolm.data.tokenizers import hf_folder_tokenizer  # noqa: E402
 from esolm.errors import CheckpointError, ConfigError, UserError  # noqa: E402
 from esolm.io import llama as llama_io  # noqa: E402
-from esolm.io import load_model, load_pretrained, pretrained, save_pretrained  # noqa: E402
+from esolm.io import load_model, load_pretrained, pretrained, save_pretrained, weights  # noqa: E402
 from esolm.io.pretrained import ADAPT_METHOD, NOT_ADAPTED_NOTE, adapt_base  # noqa: E402
 from esolm.methods import as_method  # noqa: E402
 from esolm.model import DiT, EsoLlama, masks  # noqa: E402
@@ -213,7 +213,7 @@ def test_bad_llama_folders_are_one_line_errors_before_building(adapted, tmp_path
 
 
 def test_llama_folder_memory_is_checked_before_any_tensor_is_read(adapted, monkeypatch):
-    monkeypatch.setattr(pretrained, "available_memory", lambda: 1000)
+    monkeypatch.setattr(weights, "available_memory", lambda: 1000)
     monkeypatch.setattr(pretrained, "read_safetensors", lambda *a: pytest.fail("tensors read"))
     with pytest.raises(CheckpointError, match="building it needs .* but only 0.0 GiB"):
         load_model(adapted["eso"])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from esolm.data.tokenizers import Tokenizer, package_dir, transformers_tokenizer
+from esolm.data.tokenizers import Tokenizer, hf_folder_tokenizer, package_dir, transformers_tokenizer
 from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io.safe_pickle import cause_line, read_checkpoint
 from esolm.io.weights import (
@@ -276,6 +276,12 @@ def smollm2_gguf_path() -> Path:
     return d / SMOLLM2_GGUF
 
 
+def base_tokenizer(source: str | Path, base_vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a Hugging Face Llama folder or a GGUF file, the mask appended at ``base_vocab_size``."""
+    return hf_folder_tokenizer(source, base_vocab_size=base_vocab_size) if Path(source).is_dir() else \
+        gguf_tokenizer(source, base_vocab_size=base_vocab_size)
+
+
 def load_base(source: str | Path, *, dtype: torch.dtype | None = None, length: int | None = None) -> EsoLlama:
     """A pretrained Llama from a Hugging Face folder or a GGUF file (:func:`from_hf_folder` / :func:`from_gguf`)."""
     return from_hf_folder(source, dtype=dtype, length=length) if Path(source).is_dir() else \
@@ -284,4 +290,5 @@ def load_base(source: str | Path, *, dtype: torch.dtype | None = None, length: i
 
 
 __all__ = ["config_from_hf", "hf_layout", "from_hf_folder", "from_hf_model", "from_gguf", "missing_gguf_packages",
-           "gguf_tokenizer", "check_dtype", "smollm2_gguf_path", "load_base", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE"]
+           "gguf_tokenizer", "check_dtype", "smollm2_gguf_path", "load_base", "base_tokenizer", "SMOLLM2_GGUF",
+           "SMOLLM2_PACKAGE"]

@@ -761,7 +761,6 @@ def adapt_base(source: str | Path, out_folder: str | Path, method: Method | dict
 
     Every check (method, paths, config, tokenizer) runs before the weights are read.
     """
-    from esolm.data.tokenizers import hf_folder_tokenizer
     from esolm.io import llama as llama_io  # reads the base (it imports esolm.data, which imports esolm.io)
 
     spec = as_method(method)
@@ -781,11 +780,11 @@ def adapt_base(source: str | Path, out_folder: str | Path, method: Method | dict
             raise CheckpointError(f"{src}: no {CONFIG_NAME} (a Hugging Face Llama folder holds {CONFIG_NAME}, "
                                   "model.safetensors and tokenizer.json)")
         cfg = llama_io.config_from_hf(read_json_object(src / CONFIG_NAME), str(src / CONFIG_NAME), length)
-        tokenizer = hf_folder_tokenizer(src, base_vocab_size=cfg.base_vocab_size)
+        tokenizer = llama_io.base_tokenizer(src, base_vocab_size=cfg.base_vocab_size)  # checked before the weights
         model = llama_io.from_hf_folder(src, dtype=dtype, length=length)
     else:
         model = llama_io.from_gguf(src, dtype=dtype, length=length)
-        tokenizer = llama_io.gguf_tokenizer(src, base_vocab_size=model.config.base_vocab_size)
+        tokenizer = llama_io.base_tokenizer(src, base_vocab_size=model.config.base_vocab_size)
     provenance = {"base": src.name, "adapted": False, "note": NOT_ADAPTED_NOTE}
     return save_pretrained(model, out, spec, tokenizer=tokenizer, provenance=provenance)
 

@@ -137,7 +137,11 @@ class EsoLlamaConfig:
         d, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         block = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d
         heads = 1 if self.tie_word_embeddings else 2
-        adapter = sum(math.prod(shape) for name, shape in self.state_shapes().items() if is_adapter_name(name))
+        adapter = 0
+        if self.lora_rank:  # LoRA factors A [r, in] and B [out, r] per projection, then the mask embedding delta
+            inter = self.intermediate_size
+            io_sizes = [(d, q), (d, kv), (d, kv), (q, d), (d, inter), (d, inter), (inter, d)]
+            adapter = self.n_layers * self.lora_rank * sum(i + o for i, o in io_sizes) + d
         return heads * self.vocab_size * d + self.n_layers * block + d + adapter
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:

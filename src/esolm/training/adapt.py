@@ -39,7 +39,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from esolm.data import DataSplits, build_datasets, default_cache_dir
-from esolm.data.tokenizers import Tokenizer, hf_folder_tokenizer
+from esolm.data.tokenizers import Tokenizer
 from esolm.errors import CheckpointError, ConfigError, UserError
 from esolm.io import llama as llama_io
 from esolm.io.pretrained import CONFIG_NAME, save_adapter, save_pretrained
@@ -227,14 +227,8 @@ def check_base(base: str | Path, length: int) -> None:
 
 def load_base(base: str | Path, length: int) -> tuple[EsoLlama, Tokenizer]:
     """The base network in float32 (``length`` positions) and its tokenizer with the mask appended."""
-    src = Path(base)
-    if src.is_dir():
-        model = llama_io.from_hf_folder(src, dtype=torch.float32, length=length)
-        tokenizer = hf_folder_tokenizer(src, base_vocab_size=model.config.base_vocab_size)
-    else:
-        model = llama_io.from_gguf(src, dtype=torch.float32, length=length)
-        tokenizer = llama_io.gguf_tokenizer(src, base_vocab_size=model.config.base_vocab_size)
-    return model, tokenizer
+    model = llama_io.load_base(base, dtype=torch.float32, length=length)
+    return model, llama_io.base_tokenizer(base, base_vocab_size=model.config.base_vocab_size)
 
 
 def state_fingerprint(model: torch.nn.Module) -> str:
