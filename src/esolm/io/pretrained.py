@@ -720,17 +720,26 @@ def save_pretrained(model: DiT | EsoLlama, path: str | os.PathLike, method: Meth
         meta["backbone"] = LLAMA_BACKBONE
     if provenance is not None:
         meta["provenance"] = provenance
-    state = _unshared_cpu_state(model)
+    extra = {}
+    if recipe:
+        import yaml
+
+        extra[RECIPE_NAME] = yaml.safe_dump(recipe, sort_keys=False)
+    return _write_folder(path, WEIGHTS_NAME, _unshared_cpu_state(model), meta, tokenizer, extra)
+
+
+def _write_folder(path: str | os.PathLike, weights_name: str, state: dict[str, torch.Tensor], meta: dict,
+                  tokenizer: Any, extra_files: dict[str, str]) -> Path:
+    """An esolm folder written atomically (a new folder appears whole; an existing one has each file replaced
+    atomically): the weights, ``config.json``, the tokenizer when given, and ``extra_files`` (name -> text)."""
     try:
         with atomic_dir(path) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(state, str(tmp / weights_name), metadata={"format": "pt"})
             atomic_json(tmp / CONFIG_NAME, meta, sort_keys=True)
             if tokenizer is not None:
                 tokenizer.save(tmp)
-            if recipe:
-                import yaml
-
-                atomic_write(tmp / RECIPE_NAME, yaml.safe_dump(recipe, sort_keys=False))
+            for name, text in extra_files.items():
+                atomic_write(tmp / name, text)
     except UserError as exc:
         raise CheckpointError(str(exc)) from None
     return Path(path)
@@ -863,17 +872,7 @@ def save_adapter(model: EsoLlama, folder: str | Path, method: Method | dict, *, 
     if provenance is not None:
         meta["provenance"] = provenance
     state = {k: p.detach().to("cpu", torch.float32).contiguous() for k, p in model.adapter_parameters().items()}
-    try:
-        with atomic_dir(folder) as tmp:
-            save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            atomic_json(tmp / CONFIG_NAME, meta, sort_keys=True)
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-            for name, text in (extra_files or {}).items():
-                atomic_write(tmp / name, text)
-    except UserError as exc:
-        raise CheckpointError(str(exc)) from None
-    return Path(folder)
+    return _write_folder(folder, ADAPTER_WEIGHTS, state, meta, tokenizer, extra_files or {})
 
 
 def _read_adapter_folder(folder: Path, meta: dict, config: Any) -> EsoLlama:
