@@ -2,7 +2,8 @@
 
     python benchmarks/scaling_memory.py                       # the table of every size, nothing run
     python benchmarks/scaling_memory.py --run --dtype bfloat16 --device cuda
-    python benchmarks/scaling_memory.py --run --size 2121M     # one size (default: the largest that fits)
+    python benchmarks/scaling_memory.py --run --size 2176x28   # one size (default: the largest that fits)
+    python benchmarks/scaling_memory.py --run --length 128     # a shorter sequence (a CPU's minutes)
 
 Without ``--run`` it prints, for each of the authors' model configs (``esolm.io.scaling.HEADS``, vocabulary
 131,072 of their tiktoken tokenizer, length 1024): the parameters, the weight bytes in float32 and bfloat16, and
@@ -51,10 +52,10 @@ def table() -> list[dict]:
     return rows
 
 
-def pick(dtype: str, device: str, size: str | None) -> ModelConfig:
+def pick(dtype: str, device: str, size: str | None, length: int = DEFAULT_LENGTH) -> ModelConfig:
     if size is not None:
         hidden, blocks = (int(x) for x in size.split("x"))
-        return config(hidden, blocks)
+        return config(hidden, blocks, length)
     if device == "cuda":
         free = torch.cuda.mem_get_info()[0]
     else:
@@ -63,7 +64,7 @@ def pick(dtype: str, device: str, size: str | None) -> ModelConfig:
     if not fitting:
         raise SystemExit("no size fits in half the free memory")
     best = max(fitting, key=lambda r: r["params"])
-    return config(best["hidden"], best["blocks"])
+    return config(best["hidden"], best["blocks"], length)
 
 
 def peak_bytes(device: str) -> int:
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(BYTES), default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--length", type=int, default=DEFAULT_LENGTH,
+                    help=f"tokens of the timed forward pass and of the decoded sequence (default {DEFAULT_LENGTH})")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     out = {"table": table()}
@@ -122,7 +125,7 @@ def main() -> None:
               f"{r['fp32_GiB']:6.2f} GiB fp32  {r['bf16_GiB']:6.2f} GiB bf16  "
               f"KV {r['kv_bytes_per_token_bf16'] / 1024:6.1f} KiB/token bf16")
     if args.run:
-        cfg = pick(args.dtype, args.device, args.size)
+        cfg = pick(args.dtype, args.device, args.size, args.length)
         out["measured"] = measure(cfg, args.dtype, args.device, args.batch)
         print(json.dumps(out["measured"], indent=2))
     if args.json:
