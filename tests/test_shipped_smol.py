@@ -83,8 +83,9 @@ def test_sample_by_name_greedy_alpha0_0_is_smollm2_greedy(loaded, capsys):
     ids = loaded.tokenizer.encode_prompt(prompt, loaded.model.config.length)
     new = 12
     assert main(["sample", NAME, "--prompt", prompt, "--num-samples", "1", "--max-length", str(len(ids) + new),
-                 "--alpha0", "0", "--temperature", "0"]) == 0
-    printed = capsys.readouterr().out
+                 "--alpha0", "0", "--temperature", "0", "--out", "-"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
     gguf = smollm2_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=str(gguf)).eval()
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(ids):]
