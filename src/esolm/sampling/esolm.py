@@ -53,6 +53,54 @@ def _finish(tokens_sorted: Tensor, order: Tensor, nfe: int, sw: Stopwatch, trace
     return SampleResult(tokens, nfe, sw.seconds, tr)
 
 
+def _causal_steps(model, tokens: Tensor, order: Tensor, use_cache: bool):
+    """``logits(lo, hi)`` of each step under the DiT's convention (module docstring): cached, ``[tokens decoded at
+    the previous step ; this step's masks]``; uncached, a causal pass over every sorted token up to ``hi``."""
+    length = tokens.shape[1]
+    cache = model.new_cache(length)
+    # masks.cached_step(start, n) == causal[start:start + n, :start + n]: slice one mask, allocate none
+    causal = masks.causal(length, tokens.device)
+    cond = model.frozen_conditioning(tokens.shape[0])  # sigma = 0 at every step
+    start = 0  # first sorted index not yet in the cache
+
+    def logits(lo: int, hi: int) -> Tensor:
+        nonlocal start
+        if use_cache:
+            mask = None if hi - start == 1 else causal[:, :, start:hi, :hi]
+            out = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache, commit=lo - start,
+                        cond=cond, logits_slice=slice(lo - start, None))
+        else:
+            out = model(tokens[:, :hi], order[:, :hi], mask=causal[:, :, :hi, :hi], cond=cond)[:, lo:]
+        start = lo
+        return out
+
+    return logits
+
+
+def _shifted_steps(model, tokens: Tensor, order: Tensor, use_cache: bool):
+    """``logits(lo, hi)`` of each step under the shifted query convention (:mod:`esolm.model.shift`): a call feeds
+    the clean tokens not yet cached (committed) and one query row per target; a one-token step whose predecessor
+    is the token just decoded feeds that token alone and reads its logits (a cached AR step)."""
+    mask_id = model.config.mask_id
+    prev = predecessors(order)
+    cache = model.new_cache(tokens.shape[1])
+    start = 0  # first sorted index not yet in the cache
+
+    def logits(lo: int, hi: int) -> Tensor:
+        nonlocal start
+        if use_cache and hi - lo == 1 and start == lo - 1 and bool((prev[:, lo] == lo - 1).all()):
+            out = model(tokens[:, start:lo], order[:, start:lo], cache=cache, commit=1)
+        else:
+            first = start if use_cache else 0
+            ids, pos, mask = step_inputs(tokens, order, prev, first, lo, hi, mask_id)
+            out = model(ids, pos, mask=mask, cache=cache if use_cache else None, commit=lo - first,
+                        logits_slice=slice(lo - first, None))
+        start = lo
+        return out
+
+    return logits
+
+
 @torch.inference_mode()
 def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
                    generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0,
@@ -62,68 +110,27 @@ def sample_esolm_b(model, x: Tensor, plan: Plan, *, top_p: float | None = None,
 
     ``x`` [B, L]: given tokens at their positions, the mask id everywhere else (in original order).
     Returns the completed tokens in original order; ``nfe == plan.nfe``. ``use_cache=False`` runs the
-    same plan without the cache (each step a causal pass over every sorted token up to the step's last
-    mask): the same logits, for comparisons.
+    same plan without the cache (each step one pass over every sorted token up to the step's last
+    mask): the same logits, for comparisons. A network under the shifted query convention (``config.shifted``)
+    is queried by it (position 0 must then be given).
     """
+    mask_id = model.config.mask_id
+    tokens, order = _prepare(model, x, plan)
     if is_shifted(model):
-        return _sample_b_shifted(model, x, plan, top_p=top_p, generator=generator, greedy=greedy,
-                                 temperature=temperature, trace=trace, step_callback=step_callback, use_cache=use_cache)
-    mask_id = model.config.mask_id
-    tokens, order = _prepare(model, x, plan)
-    length = tokens.shape[1]
-    cache = model.new_cache(length)
-    # masks.cached_step(start, n) == causal[start:start + n, :start + n]: slice one mask, allocate none
-    causal = masks.causal(length, tokens.device)
+        if plan.n_given < 1:
+            raise UserError("this model reads the token before each position: position 0 must be given "
+                            "(a start token)")
+        check_start(order, "the plan's order")
     steps = [] if trace else None
-    start = 0  # first sorted index not yet in the cache
-    with Stopwatch(model.device) as sw:
-        cond = model.frozen_conditioning(tokens.shape[0])  # sigma = 0 at every step
+    with Stopwatch(model.device) as sw:  # the cache and the folded conditioning are part of the timed work
+        step_logits = (_shifted_steps if is_shifted(model) else _causal_steps)(model, tokens, order, use_cache)
         for k, (lo, hi) in enumerate(plan.bounds()):
-            if use_cache:
-                mask = None if hi - start == 1 else causal[:, :, start:hi, :hi]
-                logits = model(tokens[:, start:hi], order[:, start:hi], mask=mask, cache=cache,
-                               commit=lo - start, cond=cond, logits_slice=slice(lo - start, None))
-            else:
-                logits = model(tokens[:, :hi], order[:, :hi], mask=causal[:, :, :hi, :hi], cond=cond)[:, lo:]
+            logits = step_logits(lo, hi)
             if step_callback is not None:
                 step_callback(k, lo, hi, logits, tokens)
             tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy, temperature)
             if steps is not None:
                 steps.append(Step(k, plan.phase(lo), order[:, lo:hi]))
-            start = lo
-    return _finish(tokens, order, plan.nfe, sw, steps)
-
-
-def _sample_b_shifted(model, x: Tensor, plan: Plan, *, top_p, generator, greedy, temperature, trace, step_callback,
-                      use_cache: bool) -> SampleResult:
-    """Eso-LM (B) under the shifted query convention (:mod:`esolm.model.shift`): each call feeds the clean tokens
-    not yet cached (committed) and one query row per target; a one-token step whose predecessor is the token just
-    decoded feeds that token alone and reads its logits (a cached AR step). Position 0 must be given."""
-    mask_id = model.config.mask_id
-    tokens, order = _prepare(model, x, plan)
-    if plan.n_given < 1:
-        raise UserError("this model reads the token before each position: position 0 must be given (a start token)")
-    check_start(order, "the plan's order")
-    length = tokens.shape[1]
-    prev = predecessors(order)
-    cache = model.new_cache(length)
-    steps = [] if trace else None
-    start = 0  # first sorted index not yet in the cache
-    with Stopwatch(model.device) as sw:
-        for k, (lo, hi) in enumerate(plan.bounds()):
-            if use_cache and hi - lo == 1 and start == lo - 1 and bool((prev[:, lo] == lo - 1).all()):
-                logits = model(tokens[:, start:lo], order[:, start:lo], cache=cache, commit=1)
-            else:
-                first = start if use_cache else 0
-                ids, pos, mask = step_inputs(tokens, order, prev, first, lo, hi, mask_id)
-                logits = model(ids, pos, mask=mask, cache=cache if use_cache else None, commit=lo - first,
-                               logits_slice=slice(lo - first, None))
-            if step_callback is not None:
-                step_callback(k, lo, hi, logits, tokens)
-            tokens[:, lo:hi] = draw(logits, mask_id, top_p, generator, greedy, temperature)
-            if steps is not None:
-                steps.append(Step(k, plan.phase(lo), order[:, lo:hi]))
-            start = lo
     return _finish(tokens, order, plan.nfe, sw, steps)
 
 
