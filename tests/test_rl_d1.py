@@ -173,6 +173,35 @@ def test_eval_task_reports_d1s_metrics(policy, capsys):
     assert rc == 2 and "test set has 256 prompts" in last_line(err)
 
 
+def test_eval_task_and_rl_score_the_validation_split_when_asked(policy, tmp_path, capsys):
+    """``--split validation`` / ``task.eval_split=validation`` score generated prompts of the validation split
+    (never d1's test instances, never training prompts); a prompt file has none: one line, before work."""
+    rc, out, err = run_cli(["eval-task", policy, "d1-countdown", "--prompts", "5", "--show", "5", "--json",
+                            "--split", "validation"], capsys)
+    assert rc == 0, err
+    prompts = [e["prompt"] for e in json.loads(out)["examples"]]
+    assert prompts == [CD.prompt(i) for i in CD.generate(5, seed=1234, split="validation")]
+    assert all(CD.split_of(p) == "validation" and not CD.in_test(p) for p in prompts)
+    rc, out, err = run_cli(["eval-task", policy, "d1-countdown", "--prompts", "300", "--split", "validation"],
+                           capsys)  # the validation split is generated: no size limit of d1's test set
+    assert rc == 0 and "300 validation prompts" in out, err
+    prompts_file = tmp_path / "p.txt"
+    prompts_file.write_text("1+1=\n2+2=\n")
+    (tmp_path / "r.py").write_text("def score(prompts, completions):\n    return [0.0 for _ in prompts]\n")
+    rc, _, err = run_cli(["eval-task", policy, str(prompts_file), "--reward", f"{tmp_path / 'r.py'}:score",
+                          "--split", "validation"], capsys)
+    assert rc == 2 and "has no validation split" in last_line(err)
+    out_dir = tmp_path / "rl"
+    rc, _, err = run_cli(["rl", "d1-countdown", f"policy={policy}", f"trainer.out_dir={out_dir}",
+                          "trainer.progress=false", "task.eval_prompts=4", "task.eval_every=0",
+                          "task.eval_split=validation", "rl.prompts_per_step=1", "rl.group_size=2",
+                          "trainer.max_steps=1"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["rl", "d1-countdown", f"policy={policy}", f"trainer.out_dir={tmp_path / 'x'}",
+                          "task.eval_split=dev"], capsys)
+    assert rc == 2 and "task.eval_split must be test or validation" in last_line(err)
+
+
 def test_rl_runs_on_d1_sudoku_with_its_partial_reward(policy, tmp_path, capsys):
     out = tmp_path / "rl"
     rc, _, err = run_cli(["rl", "d1-sudoku", f"policy={policy}", f"trainer.out_dir={out}", "trainer.progress=false",

@@ -57,14 +57,16 @@ def test_generators_are_deterministic_fixed_width_and_splits_disjoint(name):
     a, b = task.generate(300, seed=3), task.generate(300, seed=3)
     assert a == b and task.generate(300, seed=4) != a
     train = {task.prompt(i) for i in task.generate(1000, seed=0, split="train")}
+    val = {task.prompt(i) for i in task.generate(300, seed=0, split="validation")}
     test = {task.prompt(i) for i in task.generate(min(300, task.test_size or 300), seed=0, split="test")}
-    assert train and test and not train & test
-    assert {len(p) for p in train | test} == {task.prompt_length}
+    assert train and val and test and not train & test and not train & val and not val & test
+    assert {task.split_of(p) for p in val} == {"validation"} and {task.split_of(p) for p in train} == {"train"}
+    assert {len(p) for p in train | val | test} == {task.prompt_length}
     sols = [task.solution(i) for i in task.generate(1000, seed=0)]
     assert max(map(len, sols)) <= task.completion_length
     assert task.length == 1 + task.prompt_length + task.completion_length + 1
-    with pytest.raises(UserError):
-        task.generate(3, split="validation")
+    with pytest.raises(UserError, match="split must be one of"):
+        task.generate(3, split="dev")
 
 
 def test_unknown_task():

@@ -45,6 +45,8 @@ def add_arguments(parser) -> None:
                         help="print this many of the evaluated prompts with their completions")
     parser.add_argument("--reward-timeout", type=float, default=60.0,
                         help="seconds one call of the reward function may take (default 60)")
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="held-out split: test (default) or a shipped task's validation split (for tuning)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -65,7 +67,8 @@ def run(args) -> int:
     params = SamplingParams.from_cli(args)  # temperature, top_p, seed, steps, alpha0: checked once, there
     res = evaluate_task(args.model, args.task if shipped else None, None if shipped else args.task, args.reward,
                         n=args.prompts, params=params, device=args.device, show=args.show,
-                        reward_timeout=args.reward_timeout, samples=args.samples, pass_at=args.pass_at)
+                        reward_timeout=args.reward_timeout, samples=args.samples, pass_at=args.pass_at,
+                        split=args.split)
     if args.json:
         print(json.dumps(res))
     else:
@@ -74,8 +77,9 @@ def run(args) -> int:
         extra += "".join(f", {m.replace('_', ' ')} {res[m]:.3f}" for m in ("cell_accuracy", "valid_solutions")
                          if m in res)
         each = f" x {args.samples} samples" if args.samples > 1 else ""
+        where = "held-out" if args.split == "test" else "validation"
         print(f"{args.task}: accuracy {res['accuracy']:.3f} (mean reward {res['reward']:.3f}{extra}) on "
-              f"{res['prompts']} held-out prompts{each}, seed {args.seed}")
+              f"{res['prompts']} {where} prompts{each}, seed {args.seed}")
         for ex in res.get("examples", []):
             print(f"  {ex['prompt']!r} -> {ex['completion']!r}")
     return 0

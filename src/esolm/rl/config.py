@@ -32,6 +32,7 @@ class TaskSection:
     eval_prompts: int = 200          # held-out prompts for accuracy (fixed seed)
     eval_every: int = 10             # RL iterations between held-out evaluations (0: only before and after)
     eval_seed: int = 1234
+    eval_split: str = "test"         # held-out split scored: test | validation (a shipped task's, for tuning)
     reward_timeout: float = DEFAULT_REWARD_TIMEOUT  # seconds one call of the reward function may take
 
 
@@ -138,6 +139,8 @@ class RLConfig:
                                                      "(a prompt file with task.reward), not both")
         req(t.prompts is None or t.reward is not None, "task.prompts needs task.reward (module:function)")
         check_eval_prompts(t.eval_prompts, "task.eval_prompts")
+        req(t.eval_split in ("test", "validation"), f"task.eval_split must be test or validation, "
+                                                    f"got {t.eval_split!r}")
         req(t.eval_every >= 0, "task.eval_every must be >= 0")
         req(r.likelihood in LIKELIHOODS, f"rl.likelihood must be one of {', '.join(LIKELIHOODS)}, "
                                          f"got {r.likelihood!r}")

@@ -238,20 +238,22 @@ def check_pass_at(samples, pass_at) -> tuple[int, int | None]:
 
 @torch.no_grad()
 def evaluate_prompts(model, method, tokenizer, source: PromptSource, n: int, params: SamplingParams,
-                     batch: int = 64, examples: int = 0, samples: int = 1, pass_at: int | None = None) -> dict:
+                     batch: int = 64, examples: int = 0, samples: int = 1, pass_at: int | None = None,
+                     split: str = "test") -> dict:
     """Held-out accuracy (the fraction of every sample whose reward counts as solved: ``source.correct``,
     reward > 0.5 unless the task says otherwise) and mean reward of ``samples`` samples per prompt at
     ``params`` (its ``seed`` fixes the prompts and the draws: the same every time it is called), plus the
     task's own aggregates (``source.metrics``: d1-sudoku's ``cell_accuracy``); with ``pass_at`` k, the mean
     over prompts of the unbiased :func:`pass_at_k` (under ``"pass@k"``); ``examples`` of the prompts with
-    their (first) completions under ``"examples"``. ``n`` is at most
+    their (first) completions under ``"examples"``. ``split``: the held-out split scored (test, or a shipped
+    task's validation split, for tuning). ``n`` is at most
     :data:`~esolm.rl.config.MAX_EVAL_PROMPTS`; ``batch`` bounds the rows of one sampler batch."""
     n = check_eval_prompts(n)
     samples, pass_at = check_pass_at(samples, pass_at)
     seed = params.seed
     was = model.training
     model.eval()
-    prompts = source.test(n, seed)
+    prompts = source.held_out(n, seed, split)
     rewards, shown, asked, answers = [], [], [], []
     per = max(1, batch // samples)  # prompts per sampler batch
     try:
@@ -427,7 +429,7 @@ class LitGRPO(pl.LightningModule):
         (evaluation time excluded)."""
         t = self.hparams["config"]["task"]
         res = evaluate_prompts(self.policy, self.method, self.tokenizer, self.source, t["eval_prompts"],
-                               self.params.replace(seed=t["eval_seed"]))
+                               self.params.replace(seed=t["eval_seed"]), split=t.get("eval_split", "test"))
         res.update(iteration=self.iteration, rollouts=self.iteration * self.rl.prompts_per_step * self.rl.group_size,
                    seconds=round(self.fit_seconds, 3))
         self.eval_history.append(res)

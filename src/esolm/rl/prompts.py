@@ -83,6 +83,7 @@ class PromptSource:
     correct: Callable[[torch.Tensor], torch.Tensor] = solved
     metrics: Callable[[Sequence[str], Sequence[str]], dict[str, float]] | None = None
     test_size: int | None = None
+    _validation: Callable[[int, int], list[str]] | None = None
 
     def train(self, n: int, seed: int) -> list[str]:
         return self._train(n, seed)
@@ -90,9 +91,25 @@ class PromptSource:
     def test(self, n: int, seed: int) -> list[str]:
         return self._test(n, seed)
 
-    def check_test_size(self, n: int, what: str) -> None:
-        """UserError (one line, before any work) when ``n`` held-out prompts are more than there are."""
-        if self.test_size is not None and n > self.test_size:
+    def held_out(self, n: int, seed: int, split: str = "test") -> list[str]:
+        """``n`` prompts of the test split, or of the validation split (a shipped task's; for tuning)."""
+        if split == "test":
+            return self.test(n, seed)
+        if split != "validation":
+            raise UserError(f"the held-out split must be test or validation, got {split!r}")
+        if self._validation is None:
+            raise UserError(f"{self.name} has no validation split (a prompt file has training and held-out "
+                            f"prompts only); evaluate on the test split")
+        return self._validation(n, seed)
+
+    def check_held_out(self, n: int, what: str, split: str = "test") -> None:
+        """UserError (one line, before any work) when ``split`` is not one this source has, or ``n`` test
+        prompts are more than there are."""
+        if split == "validation" and self._validation is None:
+            self.held_out(0, 0, split)  # its one-line error
+        if split not in ("test", "validation"):
+            raise UserError(f"the held-out split must be test or validation, got {split!r}")
+        if split == "test" and self.test_size is not None and n > self.test_size:
             raise UserError(f"{what} = {n} but {self.name}'s test set has {self.test_size} prompts; ask for at "
                             f"most {self.test_size}")
 
@@ -113,7 +130,8 @@ def prompt_source(task: str | None = None, prompts: str | None = None, reward: s
                             lambda n, s: [t.prompt(i) for i in t.generate(n, s, "train")],
                             lambda n, s: [t.prompt(i) for i in t.generate(n, s, "test")], timeout=timeout,
                             correct=solved if fn is not None else t.correct, metrics=t.metrics,
-                            test_size=t.test_size)
+                            test_size=t.test_size,
+                            _validation=lambda n, s: [t.prompt(i) for i in t.generate(n, s, "validation")])
     if prompts is None or fn is None:
         raise UserError("give a shipped task, or a prompt file and a reward function")
     texts = read_prompts(prompts)

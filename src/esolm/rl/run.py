@@ -108,7 +108,7 @@ def prepare_rl(cfg: RLConfig) -> PreparedRL:
     check_likelihood(cfg.rl.likelihood, loaded.method)
     t, rl = cfg.task, cfg.rl
     source = prompt_source(t.name, t.prompts, t.reward, t.reward_timeout)
-    source.check_test_size(t.eval_prompts, "task.eval_prompts")
+    source.check_held_out(t.eval_prompts, "task.eval_prompts", t.eval_split)
     resolve_params(SamplingParams.from_rl(rl), loaded, "rl.")
     check_prompts(source, loaded)
     device = run_device(cfg.trainer.accelerator)
@@ -189,12 +189,13 @@ def train_rl(cfg: RLConfig, prepared: PreparedRL | None = None) -> LitGRPO:
 
 def evaluate_task(model_path: str, task: str | None = None, prompts: str | None = None, reward: str | None = None,
                   n: int = 200, params: SamplingParams | None = None, device=None, show: int = 0,
-                  reward_timeout: float = DEFAULT_REWARD_TIMEOUT, samples: int = 1, pass_at: int | None = None) -> dict:
+                  reward_timeout: float = DEFAULT_REWARD_TIMEOUT, samples: int = 1, pass_at: int | None = None,
+                  split: str = "test") -> dict:
     """Held-out accuracy of a model on a task (``esolm eval-task``): ``n`` prompts (at most
     :data:`~esolm.rl.config.MAX_EVAL_PROMPTS`), ``samples`` samples each at ``params`` (its seed fixes prompts and
     draws; temperature 0 decodes greedily), with ``pass_at`` k the unbiased pass@k (k <= ``samples``); ``show``
-    of them (at most ``n``) with their completions under ``"examples"``. Every check runs before any
-    sampling."""
+    of them (at most ``n``) with their completions under ``"examples"``; ``split``: test, or a shipped task's
+    validation split (for tuning). Every check runs before any sampling."""
     n = check_eval_prompts(n, "the number of held-out prompts")
     if isinstance(show, bool) or not isinstance(show, int) or not 0 <= show <= n:
         raise UserError(f"show must be an integer in [0, {n}] (the prompts evaluated), got {show!r}")
@@ -203,10 +204,10 @@ def evaluate_task(model_path: str, task: str | None = None, prompts: str | None 
     loaded = load_policy(model_path, device)
     check_likelihood("mean-field", loaded.method)  # any diffusion model; AR refused with one line
     source = prompt_source(task, prompts, reward, reward_timeout)
-    source.check_test_size(n, "the number of held-out prompts (--prompts)")
+    source.check_held_out(n, "the number of held-out prompts (--prompts)", split)
     params = resolve_params(params, loaded)
     check_prompts(source, loaded)
     rows = min(n, max(1, EVAL_BATCH // samples)) * samples
     check_rollout_memory(loaded.model.config, rows, loaded.model.device, "an evaluation batch")
     return evaluate_prompts(loaded.model, loaded.method, loaded.tokenizer, source, n, params, EVAL_BATCH, show,
-                            samples, pass_at)
+                            samples, pass_at, split)

@@ -26,8 +26,10 @@ Rewards follow TRL's convention, ``reward(prompts, completions) -> list[float]``
 otherwise; ``d1-sudoku``: the fraction of the empty cells filled correctly), and parse the prompt strings
 themselves, so the bound method is a plain reward callable. :meth:`Task.correct` says which rewards count as
 solved (accuracy, pass@k) and :meth:`Task.metrics` adds a task's own aggregate (d1's cell accuracy).
-Train and test instances are disjoint: an instance is in the test split when a keyed hash of its prompt
-falls below ``TEST_FRACTION`` (a d1 task: when it is one of d1's test instances). A user's reward function
+The three splits are disjoint: an instance is in the test split when a keyed hash of its prompt falls below
+``TEST_FRACTION`` (a d1 task: when it is one of d1's test instances), else in the validation split (for tuning
+RL hyperparameters without looking at the test split) when a second, independently keyed hash falls below
+``VALIDATION_FRACTION``, else in the training split. A user's reward function
 is loaded and called by :mod:`esolm.rl.rewards`.
 """
 
@@ -48,7 +50,13 @@ import torch
 from esolm.errors import UserError
 
 TEST_FRACTION = 0.1
-SPLITS = ("train", "test")
+VALIDATION_FRACTION = 0.1  # of the instances not in the test split
+SPLITS = ("train", "validation", "test")
+
+
+def _hash_below(prompt: str, key: str, fraction: float) -> bool:
+    h = hashlib.blake2b(prompt.encode(), digest_size=8, key=key.encode()).digest()
+    return int.from_bytes(h, "little") < fraction * 2.0**64
 
 
 class Task:
@@ -92,21 +100,26 @@ class Task:
         return {}
 
     def in_test(self, prompt: str) -> bool:
-        h = hashlib.blake2b(prompt.encode(), digest_size=8, key=self.name.encode()).digest()
-        return int.from_bytes(h, "little") < TEST_FRACTION * 2.0**64
+        return _hash_below(prompt, self.name, TEST_FRACTION)
+
+    def split_of(self, prompt: str) -> str:
+        """The split ``prompt`` belongs to: test, validation or train (module docstring)."""
+        if self.in_test(prompt):
+            return "test"
+        return "validation" if _hash_below(prompt, f"{self.name}/validation", VALIDATION_FRACTION) else "train"
 
     def generate(self, n: int, seed: int = 0, split: str = "train") -> list:
-        """``n`` instances of ``split`` (train or test), a deterministic function of ``(n, seed, split)``."""
+        """``n`` instances of ``split`` (train, validation or test), a deterministic function of
+        ``(n, seed, split)``."""
         if split not in SPLITS:
             raise UserError(f"split must be one of {SPLITS}, got {split!r}")
         if n < 0:
             raise UserError(f"number of instances must be >= 0, got {n}")
         rng = random.Random(f"{self.name}/{split}/{seed}")
-        want_test = split == "test"
         out = []
         while len(out) < n:
             inst = self.draw(rng)
-            if self.in_test(self.prompt(inst)) == want_test:
+            if self.split_of(self.prompt(inst)) == split:
                 out.append(inst)
         return out
 
@@ -494,9 +507,9 @@ class _FixedTestSet(Task):
         return prompt in self._test_prompts
 
     def generate(self, n: int, seed: int = 0, split: str = "train") -> list:
-        """Training: ``n`` generated instances, none of the test set (deterministic in ``(n, seed)``); test:
-        the first ``n`` of the fixed test set, in its file's order (``seed`` plays no part; UserError past its
-        size)."""
+        """Training and validation: ``n`` generated instances, none of the test set (deterministic in
+        ``(n, seed)``); test: the first ``n`` of the fixed test set, in its file's order (``seed`` plays no
+        part; UserError past its size)."""
         if split == "test":
             if isinstance(n, int) and 0 <= n and n > self.test_size:
                 raise UserError(f"{self.name}'s test set has {self.test_size} instances; asked for {n}")
