@@ -222,3 +222,59 @@ def test_the_task_source_keeps_d1s_metric_only_with_its_own_reward(tmp_path):
     r = torch.tensor([0.75], dtype=torch.float64)
     assert own.correct(r).tolist() == [False] and user.correct(r).tolist() == [True]  # a user's: reward > 0.5
     assert own.test_size == user.test_size == 500
+
+
+# -- d1's format score, instruction prompts and completion lengths (for a pretrained LM such as esolm-smol) --------
+
+def test_countdown_reward_gives_d1s_format_score_to_marked_wrong_answers():
+    """d1's training reward: 1 correct, 0.1 a wrong answer in ``<answer>`` tags or ``\\boxed{}``, 0 an unmarked wrong
+    completion; accuracy counts only the 1s; ``answer_marked`` is the fraction of marked completions."""
+    prompt = "030,100,093:023="
+    cases = {"<answer>30+93</answer>": 0.1, "\\boxed{1+1}": 0.1, "<answer>no idea</answer>": 0.1,
+             "<answer>30+93-100</answer>": 1.0, "30+93-100": 1.0, "30+93": 0.0, "answer: 30+93": 0.0}
+    comps = list(cases)
+    assert CD.reward([prompt] * len(comps), comps) == list(cases.values())
+    assert CD.correct(torch.tensor(list(cases.values()))).tolist() == [v == 1.0 for v in cases.values()]
+    assert CD.metrics([prompt] * len(comps), comps) == {"answer_marked": 4 / 7}
+
+
+@pytest.mark.parametrize("task", [CD, SU])
+def test_instruction_prompts_are_the_same_instances_scored_on_their_compact_prompt(task, tmp_path):
+    compact, shown = prompt_source(task.name), prompt_source(task.name, style="instruction")
+    for split in ("test", "validation"):
+        a, b = compact.held_out(6, 3, split), shown.held_out(6, 3, split)
+        assert b == [task.instruction(p) for p in a] and len(set(b)) == len(set(a))
+    assert shown.train(5, 9) == [task.instruction(p) for p in compact.train(5, 9)]
+    a, b = compact.test(4, 0), shown.test(4, 0)
+    answers = [task.solution(i) for i in task.generate(4, split="test")]
+    answers = [f"<answer>{x}</answer>" for x in answers[:2]] + ["<answer>1</answer>", "nonsense"]
+    assert shown.rewards(b, answers).tolist() == compact.rewards(a, answers).tolist()
+    assert shown.metrics(b, answers) == compact.metrics(a, answers)
+    with pytest.raises(UserError, match="arithmetic has no instruction prompts"):
+        prompt_source("arithmetic", style="instruction")
+    with pytest.raises(UserError, match="prompt style must be one of"):
+        prompt_source(task.name, style="chat")
+    f = tmp_path / "p.txt"
+    f.write_text("a\nb\n")
+    (tmp_path / "r.py").write_text("def score(prompts, completions):\n    return [0.0 for _ in prompts]\n")
+    with pytest.raises(UserError, match="instruction prompt style is a shipped task's"):
+        prompt_source(prompts=str(f), reward=f"{tmp_path / 'r.py'}:score", style="instruction")
+
+
+def test_completion_length_and_prompt_style_on_the_command_line(policy, tmp_path, capsys):
+    """``--max-new-tokens`` / ``rl.max_completion_length`` bound every completion; an instruction prompt that does
+    not fit the tiny policy is a one-line error before work; bad values are one-line config errors."""
+    rc, out, err = run_cli(["eval-task", policy, "d1-sudoku", "--prompts", "6", "--show", "6", "--json",
+                            "--max-new-tokens", "3"], capsys)
+    assert rc == 0, err
+    assert all(len(e["completion"]) <= 3 for e in json.loads(out)["examples"])  # character tokenizer
+    rc, _, err = run_cli(["eval-task", policy, "d1-sudoku", "--prompt-style", "instruction"], capsys)
+    assert rc == 2 and "policy's length" in last_line(err), err
+    rc, _, err = run_cli(["rl", "d1-sudoku", f"policy={policy}", f"trainer.out_dir={tmp_path / 'a'}",
+                          "trainer.progress=false", "task.eval_prompts=2", "task.eval_every=0", "rl.prompts_per_step=1",
+                          "rl.group_size=2", "trainer.max_steps=1", "rl.max_completion_length=4"], capsys)
+    assert rc == 0, err
+    for bad, needle in (("rl.max_completion_length=0", "rl.max_completion_length must be a positive integer"),
+                        ("task.prompt_style=chat", "task.prompt_style must be one of compact, instruction")):
+        rc, _, err = run_cli(["rl", "d1-sudoku", f"policy={policy}", f"trainer.out_dir={tmp_path / 'b'}", bad], capsys)
+        assert rc == 2 and needle in last_line(err), err

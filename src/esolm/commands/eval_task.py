@@ -41,12 +41,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=_args.top_p, default=None)
     parser.add_argument("--alpha0", type=float, default=None, help="Eso-LM sampling alpha0 (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="diffusion steps (default: completion length)")
+    parser.add_argument("--max-new-tokens", type=_args.int_at_least(1), default=None,
+                        help="completion tokens per sample (default: to the model's length)")
     parser.add_argument("--show", type=int, default=0,
                         help="print this many of the evaluated prompts with their completions")
     parser.add_argument("--reward-timeout", type=float, default=60.0,
                         help="seconds one call of the reward function may take (default 60)")
     parser.add_argument("--split", choices=["test", "validation"], default="test",
                         help="held-out split: test (default) or a shipped task's validation split (for tuning)")
+    parser.add_argument("--prompt-style", choices=["compact", "instruction"], default="compact",
+                        help="compact prompts (default; the tiny task models') or a d1 task's natural-language "
+                             "instructions (for a pretrained LM such as esolm-smol)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -68,7 +73,7 @@ def run(args) -> int:
     res = evaluate_task(args.model, args.task if shipped else None, None if shipped else args.task, args.reward,
                         n=args.prompts, params=params, device=args.device, show=args.show,
                         reward_timeout=args.reward_timeout, samples=args.samples, pass_at=args.pass_at,
-                        split=args.split)
+                        split=args.split, max_new_tokens=args.max_new_tokens, prompt_style=args.prompt_style)
     if args.json:
         print(json.dumps(res))
     else:

@@ -17,6 +17,7 @@ import yaml
 from esolm.errors import ConfigError, UserError
 from esolm.recipes import PRESETS_DIR, TrainerSection, parse_override, read_yaml, set_field
 from esolm.rl.rewards import DEFAULT_REWARD_TIMEOUT, check_timeout
+from esolm.rl.tasks import PROMPT_STYLES
 from esolm.rl.trajectory import LIKELIHOODS
 from esolm.sampling.params import MAX_SEED, SamplingParams, check_integer
 
@@ -33,6 +34,7 @@ class TaskSection:
     eval_every: int = 10             # RL iterations between held-out evaluations (0: only before and after)
     eval_seed: int = 1234
     eval_split: str = "test"         # held-out split scored: test | validation (a shipped task's, for tuning)
+    prompt_style: str = "compact"    # compact (tiny character models) | instruction (d1 tasks, for pretrained LMs)
     reward_timeout: float = DEFAULT_REWARD_TIMEOUT  # seconds one call of the reward function may take
 
 
@@ -56,6 +58,7 @@ class RLSection:
     top_p: float | None = None
     alpha0: float | None = None      # Eso-LM rollout alpha0 (default: the policy's)
     steps: int | None = None         # diffusion steps T of the rollout schedule (default: completion length)
+    max_completion_length: int | None = None  # completion tokens per rollout (TRL's; default: to the policy's length)
     mask_prompt: float = 0.15        # mean-field only: probability of masking each prompt token (d1)
     scale_rewards: str = "group"     # divide advantages by the group's std (GRPO) | batch (the batch's) | none
     #                                  (true / false, as TRL takes them: group / none)
@@ -141,6 +144,8 @@ class RLConfig:
         check_eval_prompts(t.eval_prompts, "task.eval_prompts")
         req(t.eval_split in ("test", "validation"), f"task.eval_split must be test or validation, "
                                                     f"got {t.eval_split!r}")
+        req(t.prompt_style in PROMPT_STYLES, f"task.prompt_style must be one of {', '.join(PROMPT_STYLES)}, "
+                                             f"got {t.prompt_style!r}")
         req(t.eval_every >= 0, "task.eval_every must be >= 0")
         req(r.likelihood in LIKELIHOODS, f"rl.likelihood must be one of {', '.join(LIKELIHOODS)}, "
                                          f"got {r.likelihood!r}")
@@ -148,6 +153,11 @@ class RLConfig:
                                f"got {r.group_size}")
         req(r.prompts_per_step >= 1, "rl.prompts_per_step must be positive")
         req(r.num_iterations >= 1, f"rl.num_iterations must be positive, got {r.num_iterations}")
+        req(r.max_completion_length is None or (isinstance(r.max_completion_length, int)
+                                                and not isinstance(r.max_completion_length, bool)
+                                                and r.max_completion_length >= 1),
+            f"rl.max_completion_length must be a positive integer (or null: to the policy's length), "
+            f"got {r.max_completion_length!r}")
         req(0.0 < r.epsilon < 1.0, f"rl.epsilon must be in (0, 1), got {r.epsilon}")
         req(r.epsilon_high is None or r.epsilon <= r.epsilon_high, f"rl.epsilon_high must be >= rl.epsilon "
                                                                    f"({r.epsilon}), got {r.epsilon_high}")

@@ -190,17 +190,19 @@ def merge_stats(parts: list[dict[str, float]]) -> dict[str, float]:
 
 
 def rollout_groups(model, method, tokenizer, prompts: list[str], group_size: int, params: SamplingParams, seed: int,
-                   length: int | None = None) -> tuple[list[Rollouts], list[list[int]]]:
-    """``G`` rollouts of every prompt at ``params``; prompts of equal token length share one sampler batch (a
-    batch's completions start at one position). Returns the batches and, for each, the indices (into
-    ``prompts * G`` flattened prompt-major) of its rows."""
+                   max_new_tokens: int | None = None) -> tuple[list[Rollouts], list[list[int]]]:
+    """``G`` rollouts of every prompt at ``params``, each completion at most ``max_new_tokens`` tokens (default:
+    to the policy's length); prompts of equal token length share one sampler batch (a batch's completions
+    start at one position). Returns the batches and, for each, the indices (into ``prompts * G`` flattened
+    prompt-major) of its rows."""
     ids = encode_prompts(tokenizer, prompts)
     by_len: dict[int, list[int]] = {}
     for i, x in enumerate(ids):
         by_len.setdefault(len(x), []).append(i)
     out, rows = [], []
-    for j, (_, members) in enumerate(sorted(by_len.items())):
+    for j, (plen, members) in enumerate(sorted(by_len.items())):
         prompt = torch.tensor([ids[i] for i in members for _ in range(group_size)], dtype=torch.long)
+        length = None if max_new_tokens is None else min(model.config.length, plen + max_new_tokens)
         pg = torch.Generator().manual_seed(step_seed(seed, j, 0))
         dg = torch.Generator(device=model.device).manual_seed(step_seed(seed, j, 1))
         out.append(rollout(model, method, prompt, params, length=length, plan_generator=pg, generator=dg))
@@ -209,9 +211,9 @@ def rollout_groups(model, method, tokenizer, prompts: list[str], group_size: int
 
 
 def complete(model, method, tokenizer, prompts: list[str], group_size: int, params: SamplingParams,
-             seed: int) -> tuple[list[Rollouts], list[list[int]], list[str]]:
+             seed: int, max_new_tokens: int | None = None) -> tuple[list[Rollouts], list[list[int]], list[str]]:
     """:func:`rollout_groups` plus the decoded completions, in the order of ``prompts * G`` (prompt-major)."""
-    batches, rows = rollout_groups(model, method, tokenizer, prompts, group_size, params, seed)
+    batches, rows = rollout_groups(model, method, tokenizer, prompts, group_size, params, seed, max_new_tokens)
     completions = [""] * (len(prompts) * group_size)
     for r, idx in zip(batches, rows):
         for i, text in zip(idx, decode_completions(tokenizer, r.tokens, r.prompt_len)):
@@ -239,14 +241,15 @@ def check_pass_at(samples, pass_at) -> tuple[int, int | None]:
 @torch.no_grad()
 def evaluate_prompts(model, method, tokenizer, source: PromptSource, n: int, params: SamplingParams,
                      batch: int = 64, examples: int = 0, samples: int = 1, pass_at: int | None = None,
-                     split: str = "test") -> dict:
+                     split: str = "test", max_new_tokens: int | None = None) -> dict:
     """Held-out accuracy (the fraction of every sample whose reward counts as solved: ``source.correct``,
     reward > 0.5 unless the task says otherwise) and mean reward of ``samples`` samples per prompt at
     ``params`` (its ``seed`` fixes the prompts and the draws: the same every time it is called), plus the
     task's own aggregates (``source.metrics``: d1-sudoku's ``cell_accuracy``); with ``pass_at`` k, the mean
     over prompts of the unbiased :func:`pass_at_k` (under ``"pass@k"``); ``examples`` of the prompts with
     their (first) completions under ``"examples"``. ``split``: the held-out split scored (test, or a shipped
-    task's validation split, for tuning). ``n`` is at most
+    task's validation split, for tuning); ``max_new_tokens``: completion tokens per sample (default: to the
+    policy's length). ``n`` is at most
     :data:`~esolm.rl.config.MAX_EVAL_PROMPTS`; ``batch`` bounds the rows of one sampler batch."""
     n = check_eval_prompts(n)
     samples, pass_at = check_pass_at(samples, pass_at)
@@ -259,7 +262,8 @@ def evaluate_prompts(model, method, tokenizer, source: PromptSource, n: int, par
     try:
         for s in range(0, n, per):
             chunk = prompts[s:s + per]
-            _, _, completions = complete(model, method, tokenizer, chunk, samples, params, step_seed(seed, s))
+            _, _, completions = complete(model, method, tokenizer, chunk, samples, params, step_seed(seed, s),
+                                         max_new_tokens)
             flat = [p for p in chunk for _ in range(samples)]
             rewards.append(source.rewards(flat, completions))
             asked += flat
@@ -325,7 +329,7 @@ class LitGRPO(pl.LightningModule):
         t0 = time.perf_counter()
         prompts = self.source.train(rl.prompts_per_step, step_seed(self.seed, k, rank))
         batches, rows, completions = complete(self.policy, self.method, self.tokenizer, prompts, rl.group_size,
-                                              self.params, step_seed(self.seed, k, rank, 1))
+                                              self.params, step_seed(self.seed, k, rank, 1), rl.max_completion_length)
         t_roll = time.perf_counter() - t0
         rewards = self.source.rewards([p for p in prompts for _ in range(rl.group_size)], completions)
         adv = group_advantages(rewards, rl.group_size, rl.scale_rewards)
@@ -368,7 +372,8 @@ class LitGRPO(pl.LightningModule):
         if self.rl.loss_type == "dapo" and self.trainer.world_size > 1:
             total = self.trainer.strategy.reduce(torch.tensor(float(tokens), device=self.device), reduce_op="sum")
             return max(float(total), 1.0) / self.trainer.world_size
-        return loss_denominator(self.rl.loss_type, tokens, rows, self.policy.config.length)
+        return loss_denominator(self.rl.loss_type, tokens, rows,
+                                self.rl.max_completion_length or self.policy.config.length)
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -429,7 +434,8 @@ class LitGRPO(pl.LightningModule):
         (evaluation time excluded)."""
         t = self.hparams["config"]["task"]
         res = evaluate_prompts(self.policy, self.method, self.tokenizer, self.source, t["eval_prompts"],
-                               self.params.replace(seed=t["eval_seed"]), split=t.get("eval_split", "test"))
+                               self.params.replace(seed=t["eval_seed"]), split=t.get("eval_split", "test"),
+                               max_new_tokens=self.rl.max_completion_length)
         res.update(iteration=self.iteration, rollouts=self.iteration * self.rl.prompts_per_step * self.rl.group_size,
                    seconds=round(self.fit_seconds, 3))
         self.eval_history.append(res)

@@ -22,7 +22,7 @@ from esolm.data.datasets import is_validation
 from esolm.data.tokenizers import check_text
 from esolm.errors import UserError
 from esolm.rl.rewards import DEFAULT_REWARD_TIMEOUT, Reward, check_timeout, checked_rewards, load_reward
-from esolm.rl.tasks import decode_completion, get_task
+from esolm.rl.tasks import PROMPT_STYLES, decode_completion, get_task
 
 
 def _record(p: Path, i: int, line: str) -> str:
@@ -118,20 +118,51 @@ class PromptSource:
         return checked_rewards(self.reward, prompts, completions, self.timeout)
 
 
+def _on_compact(fn: Callable, back: Callable[[Sequence[str]], list[str]]) -> Callable:
+    """``fn(prompts, completions)`` called with the compact prompt behind each instruction."""
+    def call(prompts: Sequence[str], completions: Sequence[str]):
+        return fn(back(prompts), completions)
+
+    return call
+
+
 def prompt_source(task: str | None = None, prompts: str | None = None, reward: str | None = None,
-                  reward_timeout: float = DEFAULT_REWARD_TIMEOUT) -> PromptSource:
+                  reward_timeout: float = DEFAULT_REWARD_TIMEOUT, style: str = "compact") -> PromptSource:
     """A shipped task by name (its exact checker as reward unless ``reward`` is given), or a prompt file
-    split 90/10 into training and held-out prompts by a hash of each prompt."""
+    split 90/10 into training and held-out prompts by a hash of each prompt. ``style``: a shipped task's
+    compact prompts (what its tiny character models are trained on), or ``instruction``: the same instances
+    as natural-language instructions for a pretrained LM (:meth:`~esolm.rl.tasks.Task.instruction`); its
+    reward and metrics see the compact prompt behind each instruction."""
     timeout = check_timeout(reward_timeout)
+    if style not in PROMPT_STYLES:
+        raise UserError(f"the prompt style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
     fn = load_reward(reward, timeout) if reward is not None else None
     if task is not None:
         t = get_task(task)
-        return PromptSource(t.name, fn or t.reward,
-                            lambda n, s: [t.prompt(i) for i in t.generate(n, s, "train")],
-                            lambda n, s: [t.prompt(i) for i in t.generate(n, s, "test")], timeout=timeout,
-                            correct=solved if fn is not None else t.correct, metrics=t.metrics,
-                            test_size=t.test_size,
-                            _validation=lambda n, s: [t.prompt(i) for i in t.generate(n, s, "validation")])
+        compact: dict[str, str] = {}  # instruction -> the compact prompt it renders
+
+        def render(instances: list) -> list[str]:
+            out = [t.prompt(i) for i in instances]
+            if style == "compact":
+                return out
+            shown = [t.instruction(p) for p in out]
+            compact.update(zip(shown, out))
+            return shown
+
+        def back(ps: Sequence[str]) -> list[str]:
+            return [compact.get(p, p) for p in ps]
+
+        score, metrics = fn or t.reward, t.metrics
+        if style != "compact":
+            t.instruction(t.prompt(t.generate(1, 0, "train")[0]))  # its one-line error for a task without any
+            score = _on_compact(fn or t.reward, back)
+            metrics = _on_compact(t.metrics, back)
+        return PromptSource(t.name, score, lambda n, s: render(t.generate(n, s, "train")),
+                            lambda n, s: render(t.generate(n, s, "test")), timeout=timeout,
+                            correct=solved if fn is not None else t.correct, metrics=metrics,
+                            test_size=t.test_size, _validation=lambda n, s: render(t.generate(n, s, "validation")))
+    if style != "compact":
+        raise UserError("the instruction prompt style is a shipped task's (d1-countdown, d1-sudoku)")
     if prompts is None or fn is None:
         raise UserError("give a shipped task, or a prompt file and a reward function")
     texts = read_prompts(prompts)

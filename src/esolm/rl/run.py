@@ -30,7 +30,7 @@ from esolm.rl.grpo import LitGRPO, check_pass_at, evaluate_prompts
 from esolm.rl.prompts import PromptSource, encode_prompts, prompt_source
 from esolm.rl.rewards import DEFAULT_REWARD_TIMEOUT
 from esolm.rl.trajectory import check_likelihood, check_rollout_memory
-from esolm.sampling.params import SamplingParams
+from esolm.sampling.params import SamplingParams, check_integer
 from esolm.training.checkpoints import AtomicCheckpointIO, Checkpoints, checkpoint_dir, clean_orphans, read_checkpoint
 from esolm.training.run import available_devices, build_loggers, check_machine, check_out_dir, resolve_resume
 
@@ -107,7 +107,7 @@ def prepare_rl(cfg: RLConfig) -> PreparedRL:
     loaded = load_policy(cfg.policy)
     check_likelihood(cfg.rl.likelihood, loaded.method)
     t, rl = cfg.task, cfg.rl
-    source = prompt_source(t.name, t.prompts, t.reward, t.reward_timeout)
+    source = prompt_source(t.name, t.prompts, t.reward, t.reward_timeout, t.prompt_style)
     source.check_held_out(t.eval_prompts, "task.eval_prompts", t.eval_split)
     resolve_params(SamplingParams.from_rl(rl), loaded, "rl.")
     check_prompts(source, loaded)
@@ -190,24 +190,28 @@ def train_rl(cfg: RLConfig, prepared: PreparedRL | None = None) -> LitGRPO:
 def evaluate_task(model_path: str, task: str | None = None, prompts: str | None = None, reward: str | None = None,
                   n: int = 200, params: SamplingParams | None = None, device=None, show: int = 0,
                   reward_timeout: float = DEFAULT_REWARD_TIMEOUT, samples: int = 1, pass_at: int | None = None,
-                  split: str = "test") -> dict:
+                  split: str = "test", max_new_tokens: int | None = None, prompt_style: str = "compact") -> dict:
     """Held-out accuracy of a model on a task (``esolm eval-task``): ``n`` prompts (at most
     :data:`~esolm.rl.config.MAX_EVAL_PROMPTS`), ``samples`` samples each at ``params`` (its seed fixes prompts and
     draws; temperature 0 decodes greedily), with ``pass_at`` k the unbiased pass@k (k <= ``samples``); ``show``
     of them (at most ``n``) with their completions under ``"examples"``; ``split``: test, or a shipped task's
-    validation split (for tuning). Every check runs before any sampling."""
+    validation split (for tuning); ``max_new_tokens``: completion tokens per sample (default: to the model's
+    length); ``prompt_style``: compact, or instruction (a d1 task's natural-language prompts, for a pretrained
+    LM). Every check runs before any sampling."""
     n = check_eval_prompts(n, "the number of held-out prompts")
     if isinstance(show, bool) or not isinstance(show, int) or not 0 <= show <= n:
         raise UserError(f"show must be an integer in [0, {n}] (the prompts evaluated), got {show!r}")
     samples, pass_at = check_pass_at(samples, pass_at)
+    if max_new_tokens is not None:
+        max_new_tokens = check_integer(max_new_tokens, "max new tokens", 1, 1 << 30)
     params = params or SamplingParams(seed=1234)
     loaded = load_policy(model_path, device)
     check_likelihood("mean-field", loaded.method)  # any diffusion model; AR refused with one line
-    source = prompt_source(task, prompts, reward, reward_timeout)
+    source = prompt_source(task, prompts, reward, reward_timeout, prompt_style)
     source.check_held_out(n, "the number of held-out prompts (--prompts)", split)
     params = resolve_params(params, loaded)
     check_prompts(source, loaded)
     rows = min(n, max(1, EVAL_BATCH // samples)) * samples
     check_rollout_memory(loaded.model.config, rows, loaded.model.device, "an evaluation batch")
     return evaluate_prompts(loaded.model, loaded.method, loaded.tokenizer, source, n, params, EVAL_BATCH, show,
-                            samples, pass_at, split)
+                            samples, pass_at, split, max_new_tokens)

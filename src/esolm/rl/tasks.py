@@ -23,7 +23,8 @@ fine-tuning trains on it (data source ``task:NAME``, mode ``pad-eos``) and RL co
   score alike.
 
 Rewards follow TRL's convention, ``reward(prompts, completions) -> list[float]`` (1.0 correct, 0.0
-otherwise; ``d1-sudoku``: the fraction of the empty cells filled correctly), and parse the prompt strings
+otherwise; ``d1-sudoku``: the fraction of the empty cells filled correctly; ``d1-countdown``: d1's 0.1 for
+a marked wrong answer), and parse the prompt strings
 themselves, so the bound method is a plain reward callable. :meth:`Task.correct` says which rewards count as
 solved (accuracy, pass@k) and :meth:`Task.metrics` adds a task's own aggregate (d1's cell accuracy).
 The three splits are disjoint: an instance is in the test split when a keyed hash of its prompt falls below
@@ -52,6 +53,8 @@ from esolm.errors import UserError
 TEST_FRACTION = 0.1
 VALIDATION_FRACTION = 0.1  # of the instances not in the test split
 SPLITS = ("train", "validation", "test")
+PROMPT_STYLES = ("compact", "instruction")  # a task's prompts as is, or as natural-language instructions
+FORMAT_SCORE = 0.1  # d1-countdown's reward for a marked but wrong answer (d1's)
 
 
 def _hash_below(prompt: str, key: str, fraction: float) -> bool:
@@ -98,6 +101,12 @@ class Task:
     def metrics(self, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, float]:
         """A task's own aggregates over an evaluation's completions, beside accuracy and mean reward (none)."""
         return {}
+
+    def instruction(self, prompt: str) -> str:
+        """``prompt`` (this task's compact prompt) as a natural-language instruction for a pretrained LM
+        (``task.prompt_style=instruction``); UserError for a task without one."""
+        raise UserError(f"{self.name} has no instruction prompts (d1-countdown and d1-sudoku have); use "
+                        f"prompt_style compact")
 
     def in_test(self, prompt: str) -> bool:
         return _hash_below(prompt, self.name, TEST_FRACTION)
@@ -565,10 +574,28 @@ class D1Countdown(_FixedTestSet):
     def solution(self, instance) -> str:
         return instance[2]
 
+    def instruction(self, prompt: str) -> str:
+        a, b, c, target = map(int, self._parse(self._prompt, prompt).groups())
+        return (f"Write an arithmetic expression that equals {target}, using each of the numbers {a}, {b} and {c} "
+                f"exactly once and only + - * / and parentheses. Give the expression, without '=', between "
+                f"<answer> and </answer>.\n")
+
     def check(self, prompt: str, completion: str) -> bool:
         *nums, target = map(int, self._parse(self._prompt, prompt).groups())
         parsed = parse_expression(d1_equation(completion), division=True)
         return parsed is not None and parsed[0] == target and sorted(parsed[1]) == sorted(nums)
+
+    def score(self, prompt: str, completion: str) -> float:
+        """d1's training reward: 1.0 for a correct expression; 0.1 (d1's format score) for a wrong answer
+        marked as one (``\\boxed{}`` or ``<answer>`` tags, what a pretrained LM is asked for); 0.0 otherwise
+        (an unmarked wrong completion: every wrong answer of a tiny character model)."""
+        if self.check(prompt, completion):
+            return 1.0
+        return FORMAT_SCORE if d1_answer(completion)[1] else 0.0
+
+    def metrics(self, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, float]:
+        """``answer_marked``: the fraction of completions whose answer is marked (tags or ``\\boxed{}``)."""
+        return {"answer_marked": sum(d1_answer(c)[1] for c in completions) / max(len(completions), 1)}
 
 
 class D1Sudoku(_FixedTestSet, Sudoku):
@@ -587,6 +614,13 @@ class D1Sudoku(_FixedTestSet, Sudoku):
 
     name = "d1-sudoku"
     blanks = 8
+
+    def instruction(self, prompt: str) -> str:
+        (puzzle,) = self._parse(self._prompt, prompt).groups()
+        rows = " / ".join(puzzle[k:k + 4] for k in range(0, 16, 4))
+        return (f"Solve this 4x4 Sudoku, given row by row with 0 for an empty cell: {rows}. Every row, column "
+                f"and 2x2 box must hold the digits 1 to 4 once each. Give the 16 digits of the solved grid, row "
+                f"by row, between <answer> and </answer>.\n")
 
     def read_test_set(self) -> tuple:
         lines = (D1_DATA / "4x4_test_sudoku.csv").read_text().splitlines()
