@@ -11,7 +11,8 @@ Arms (the same supervised starting policy per task; only the rollout law and the
 Stages (each run is a resumable folder under ``--runs``; an interrupted sweep continues where it stopped):
 
 1. ``tune``: per task and arm, a staged grid on the task's **validation** split (``task.eval_split=validation``;
-   never the test split): first the learning rate x ``num_iterations`` (mu) at beta 0, epsilon 0.2; then
+   never the test split): first the learning rate (1e-4, 3e-4; and 1e-3 at each mu where 3e-4 beat 1e-4)
+   x ``num_iterations`` (mu: 1, 4, 12) at beta 0, epsilon 0.2; then
    beta x epsilon at the best of those (epsilon only where mu > 1: at mu = 1 the ratio is 1 and the clip
    never acts). Selection by the final validation accuracy (d1-sudoku: d1's cell accuracy), one seed per
    point (``--tune-seed``); ties go to the earlier point of the grid.
@@ -50,7 +51,8 @@ ARMS = {
     "mean-field-a1": {"rl.likelihood": "mean-field", "rl.alpha0": 1.0},
     "AR": {"rl.likelihood": "exact", "rl.alpha0": 0.0},
 }
-STAGE1 = [{"optim.lr": lr, "rl.num_iterations": mu} for lr in (1e-4, 3e-4, 1e-3) for mu in (1, 4, 12)]
+MUS, LRS, LR_UP = (1, 4, 12), (1e-4, 3e-4), 1e-3
+STAGE1 = [{"optim.lr": lr, "rl.num_iterations": mu} for lr in LRS for mu in MUS]
 STAGE2 = [{"rl.beta": beta, "rl.epsilon": eps} for beta in (0.0, 0.04) for eps in (0.2, 0.5)]
 BASE = {"rl.beta": 0.0, "rl.epsilon": 0.2}
 METRIC = {"d1-sudoku": "cell_accuracy"}  # selection metric per task (d1's); else accuracy
@@ -124,6 +126,11 @@ def tune(args, tasks: list[str], arms: list[str]) -> dict:
     pairs = [(t, a) for t in tasks for a in arms]
     r1 = run_jobs([spec(args, t, a, {**BASE, **k}, args.tune_seed, "validation") for t, a in pairs
                    for k in STAGE1], args.jobs)
+    # the learning rate goes up once more (LR_UP) only at a mu where the higher of LRS beat the lower
+    by = {(r["task"], r["arm"], r["knobs"]["optim.lr"], r["knobs"]["rl.num_iterations"]): score(r) for r in r1}
+    r1 += run_jobs([spec(args, t, a, {**BASE, "optim.lr": LR_UP, "rl.num_iterations": mu}, args.tune_seed,
+                         "validation") for t, a in pairs for mu in MUS
+                    if by[t, a, LRS[1], mu] > by[t, a, LRS[0], mu]], args.jobs)
     best1 = {p: best(r1, *p) for p in pairs}
     stage2 = [spec(args, t, a, {**best1[t, a], **k}, args.tune_seed, "validation") for t, a in pairs
               for k in STAGE2]
